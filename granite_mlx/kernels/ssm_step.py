@@ -1,0 +1,396 @@
+"""Fused single-token Mamba2 decode step: conv, SiLU, dt, state update and y.
+
+Glossary: b batch rows, H n_heads, P head_dim, N d_state, G n_groups (head h
+reads group h // (H / G)), K d_conv, conv_dim = H * P + 2 * G * N.
+
+One step per batch row (GRANITE.md, "The Mamba2 mixer", steps 2-5), in float32:
+
+1. window = [conv_state; xBC]                      (K, conv_dim); new_conv_state = window[1:]
+2. c = silu(sum_k window[k] * conv_w[:, k] + conv_b), split into x (H, P), B (G, N), C (G, N)
+3. dt = clamp(softplus(dt + dt_bias), dt_min, dt_max)                    (H,)
+4. S = exp(dt * A) * S + dt * outer(x, B[g])                              (H, P, N)
+5. y = S @ C[g] + D * x                                                   (H, P)
+
+``fused_ssm_step`` runs all of it as one GPU launch per layer per token, Metal
+or CUDA, from a single kernel body (``ssm_step_body.h``) that the C++ emulation
+in the tests also executes. It returns None where no kernel can run (CPU, or
+the kernel was disabled), and the caller uses ``ssm_step_reference``, the
+pure-MLX version and the oracle.
+
+Before the kernel's first launch for a given shape and dtype in a process,
+``kernel_self_check`` runs it on random inputs against the reference; a compile
+error or a mismatch logs one warning and disables the kernel for the rest of
+the process.
+
+Environment:
+    GRANITE_MLX_REFERENCE=1  always take the reference path (``fused_ssm_step``
+                             returns None).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import mlx.core as mx
+
+from .sources import kernel_source
+
+logger = logging.getLogger(__name__)
+
+BODY_FILE = "ssm_step_body.h"
+INPUT_NAMES = (
+    "xBC", "conv_state", "conv_w", "conv_b", "dt", "dt_bias", "A", "D", "state", "dt_limits",
+)
+OUTPUT_NAMES = ("y", "new_conv_state", "new_state")
+
+_N_SIMD = 4  # simdgroups per threadgroup: 128 threads
+_MAX_ROWS = 4  # head_dim rows per simdgroup, so up to 16 rows per threadgroup
+_SIMD_WIDTH = 32  # Apple GPUs and NVIDIA warps alike
+_F32_MAX = 3.4028234663852886e38
+_FLOAT_DTYPES = (mx.float32, mx.float16, mx.bfloat16)
+
+# Backend name -> mx.fast kernel constructor. Looked up at call time, so an MLX
+# without one of them only fails on the machine that would use it.
+_FACTORIES: dict[str, Callable[..., object]] = {
+    "metal": lambda **kw: mx.fast.metal_kernel(**kw),
+    "cuda": lambda **kw: mx.fast.cuda_kernel(**kw),
+}
+
+Arrays = tuple[mx.array, mx.array, mx.array]
+
+
+@dataclass(frozen=True)
+class SSMDims:
+    batch: int
+    n_heads: int  # H
+    head_dim: int  # P
+    d_state: int  # N
+    n_groups: int  # G
+    d_conv: int  # K
+
+    @property
+    def conv_dim(self) -> int:
+        return self.n_heads * self.head_dim + 2 * self.n_groups * self.d_state
+
+
+def _prepare(xBC, conv_state, conv_w, conv_b, dt, dt_bias, A, D, state, n_groups):
+    """Check shapes and settle dtypes, identically for both paths.
+
+    Activations (xBC, dt) take conv_state's dtype, weights (conv_b, dt_bias, D)
+    take conv_w's, A and state become float32. conv_w may come as (conv_dim, K),
+    (conv_dim, 1, K) (Hub) or (conv_dim, K, 1) (mlx-community).
+    """
+    batch, n_heads, head_dim, d_state = state.shape
+    dims = SSMDims(batch, n_heads, head_dim, d_state, n_groups, conv_state.shape[1] + 1)
+    expected = {
+        "xBC": (xBC, (batch, dims.conv_dim)),
+        "conv_state": (conv_state, (batch, dims.d_conv - 1, dims.conv_dim)),
+        "conv_b": (conv_b, (dims.conv_dim,)),
+        "dt": (dt, (batch, n_heads)),
+        "dt_bias": (dt_bias, (n_heads,)),
+        "A": (A, (n_heads,)),
+        "D": (D, (n_heads,)),
+    }
+    for name, (arr, shape) in expected.items():
+        if tuple(arr.shape) != shape:
+            raise ValueError(f"ssm step: {name} has shape {tuple(arr.shape)}, expected {shape}")
+    if conv_w.size != dims.conv_dim * dims.d_conv:
+        raise ValueError(f"ssm step: conv_w has shape {tuple(conv_w.shape)}, "
+                         f"expected ({dims.conv_dim}, {dims.d_conv})")
+    if n_groups < 1 or n_heads % n_groups:
+        raise ValueError(f"ssm step: n_heads {n_heads} is not a multiple of n_groups {n_groups}")
+    if dims.d_conv < 2:
+        raise ValueError("ssm step: conv_state must keep at least one past input")
+
+    act, wt = conv_state.dtype, conv_w.dtype
+    args = (
+        xBC.astype(act),
+        conv_state,
+        conv_w.reshape(dims.conv_dim, dims.d_conv),
+        conv_b.astype(wt),
+        dt.astype(act),
+        dt_bias.astype(wt),
+        A.astype(mx.float32),
+        D.astype(wt),
+        state.astype(mx.float32),
+    )
+    return args, dims
+
+
+def ssm_step_reference(
+    xBC: mx.array,
+    conv_state: mx.array,
+    conv_w: mx.array,
+    conv_b: mx.array,
+    dt: mx.array,
+    dt_bias: mx.array,
+    A: mx.array,
+    D: mx.array,
+    state: mx.array,
+    dt_min: float,
+    dt_max: float,
+    n_groups: int,
+) -> Arrays:
+    """One decode step in plain MLX ops (the CPU path and the kernel's oracle).
+
+    Args:
+        xBC: (b, conv_dim) new pre-conv input.
+        conv_state: (b, K-1, conv_dim) previous K-1 pre-conv inputs, oldest first.
+        conv_w: (conv_dim, K), or (conv_dim, 1, K) / (conv_dim, K, 1).
+        conv_b: (conv_dim,)
+        dt: (b, H) raw, before dt_bias and softplus.
+        dt_bias: (H,)
+        A: (H,) = -exp(A_log).
+        D: (H,)
+        state: (b, H, P, N) float32.
+        dt_min, dt_max: clamp of softplus(dt + dt_bias); dt_max may be inf.
+        n_groups: G.
+
+    Returns:
+        y (b, H, P) float32, new_conv_state (b, K-1, conv_dim) in conv_state's
+        dtype, new_state (b, H, P, N) float32.
+    """
+    (xBC, conv_state, conv_w, conv_b, dt, dt_bias, A, D, state), d = _prepare(
+        xBC, conv_state, conv_w, conv_b, dt, dt_bias, A, D, state, n_groups
+    )
+    f32 = mx.float32
+    d_inner, gn = d.n_heads * d.head_dim, d.n_groups * d.d_state
+    heads_per_group = d.n_heads // d.n_groups
+
+    # 1-2. conv over the window, then SiLU
+    window = mx.concatenate([conv_state, xBC[:, None]], axis=1)  # (b, K, conv_dim)
+    c = (window.astype(f32) * conv_w.T.astype(f32)).sum(axis=1) + conv_b.astype(f32)
+    c = c * mx.sigmoid(c)
+    x = c[:, :d_inner].reshape(d.batch, d.n_heads, d.head_dim)
+    B = c[:, d_inner : d_inner + gn].reshape(d.batch, d.n_groups, d.d_state)
+    C = c[:, d_inner + gn :].reshape(d.batch, d.n_groups, d.d_state)
+    B = mx.repeat(B, heads_per_group, axis=1)  # (b, H, N)
+    C = mx.repeat(C, heads_per_group, axis=1)  # (b, H, N)
+
+    # 3. dt
+    v = dt.astype(f32) + dt_bias.astype(f32)
+    dt = mx.where(v > 20.0, v, mx.log1p(mx.exp(v)))
+    dt = mx.minimum(mx.maximum(dt, dt_min), dt_max)  # (b, H)
+
+    # 4. state update
+    dA = mx.exp(dt * A)[:, :, None, None]
+    new_state = dA * state + (dt[:, :, None] * x)[..., None] * B[:, :, None, :]
+
+    # 5. readout; a product and a sum rather than a matmul, which some backends
+    # would run in TF32
+    y = (new_state * C[:, :, None, :]).sum(axis=-1) + D.astype(f32)[:, None] * x
+    return y, window[:, 1:], new_state
+
+
+def launch_plan(dims: SSMDims, act_dtype: mx.Dtype, weight_dtype: mx.Dtype):
+    """``(template, grid, threadgroup)`` for the kernel, grid counted in threads.
+
+    One threadgroup per (p-block, head, batch row); _N_SIMD simdgroups of 32
+    threads, each taking up to _MAX_ROWS rows of head_dim.
+    """
+    rows = min(_MAX_ROWS, -(-dims.head_dim // _N_SIMD))
+    p_blocks = -(-dims.head_dim // (_N_SIMD * rows))
+    threads = _N_SIMD * _SIMD_WIDTH
+    template = [
+        ("T", act_dtype),
+        ("WT", weight_dtype),
+        ("NHEADS", dims.n_heads),
+        ("HEADDIM", dims.head_dim),
+        ("DSTATE", dims.d_state),
+        ("NGROUPS", dims.n_groups),
+        ("DCONV", dims.d_conv),
+        ("NSIMD", _N_SIMD),
+        ("ROWS", rows),
+    ]
+    return template, (p_blocks * threads, dims.n_heads, dims.batch), (threads, 1, 1)
+
+
+class _KernelState:
+    def __init__(self) -> None:
+        self.kernels: dict[str, object] = {}  # backend -> mx.fast kernel
+        self.checked: set[tuple] = set()  # (backend, dims..., dtypes) that passed
+        self.disabled: str | None = None  # why, once disabled
+
+
+_state = _KernelState()
+_lock = threading.Lock()
+
+
+def _reference_forced() -> bool:
+    return os.environ.get("GRANITE_MLX_REFERENCE", "") not in ("", "0")
+
+
+def _detect_backend() -> str | None:
+    if mx.default_device().type != mx.gpu:
+        return None
+    if mx.metal.is_available():
+        return "metal"
+    cuda = getattr(mx, "cuda", None)
+    if cuda is not None and cuda.is_available():
+        return "cuda"
+    return None
+
+
+def _kernel(backend: str):
+    kernel = _state.kernels.get(backend)
+    if kernel is None:
+        header, source = kernel_source(BODY_FILE, backend)
+        kernel = _FACTORIES[backend](
+            name="granite_ssm_step",
+            input_names=list(INPUT_NAMES),
+            output_names=list(OUTPUT_NAMES),
+            source=source,
+            header=header,
+        )
+        _state.kernels[backend] = kernel
+    return kernel
+
+
+def _launch(backend: str, args, dims: SSMDims, dt_min: float, dt_max: float) -> Arrays:
+    act, wt = args[1].dtype, args[2].dtype
+    template, grid, threadgroup = launch_plan(dims, act, wt)
+    # Finite limits: an inf in a kernel compiled with fast math is not safe.
+    limits = mx.array([max(dt_min, -_F32_MAX), min(dt_max, _F32_MAX)], dtype=mx.float32)
+    y, new_conv_state, new_state = _kernel(backend)(
+        inputs=[*args, limits],
+        template=template,
+        grid=grid,
+        threadgroup=threadgroup,
+        output_shapes=[
+            (dims.batch, dims.n_heads, dims.head_dim),
+            (dims.batch, dims.d_conv - 1, dims.conv_dim),
+            (dims.batch, dims.n_heads, dims.head_dim, dims.d_state),
+        ],
+        output_dtypes=[mx.float32, act, mx.float32],
+    )
+    return y, new_conv_state, new_state
+
+
+def _random_problem(dims: SSMDims, act: mx.Dtype, wt: mx.Dtype, seed: int = 0) -> tuple:
+    """Inputs for fused_ssm_step / ssm_step_reference, with dt_min 1e-3, dt_max inf."""
+    keys = mx.random.split(mx.random.key(seed), 9)
+    H, cd, K = dims.n_heads, dims.conv_dim, dims.d_conv
+
+    def normal(i, shape, dtype, scale=1.0):
+        return (scale * mx.random.normal(shape, key=keys[i])).astype(dtype)
+
+    return (
+        normal(0, (dims.batch, cd), act),
+        normal(1, (dims.batch, K - 1, cd), act),
+        normal(2, (cd, K), wt, 0.5),
+        normal(3, (cd,), wt, 0.5),
+        normal(4, (dims.batch, H), act, 2.0),
+        normal(5, (H,), wt),
+        -mx.exp(mx.random.uniform(-2.0, 2.0, (H,), key=keys[6])),
+        normal(7, (H,), wt),
+        normal(8, (dims.batch, H, dims.head_dim, dims.d_state), mx.float32),
+        1e-3,
+        float("inf"),
+        dims.n_groups,
+    )
+
+
+def _mismatch(backend: str, dims: SSMDims, act: mx.Dtype, wt: mx.Dtype) -> str | None:
+    """Run kernel and reference on one random problem; describe any disagreement."""
+    problem = _random_problem(dims, act, wt)
+    args, _ = _prepare(*problem[:9], dims.n_groups)
+    got = _launch(backend, args, dims, problem[9], problem[10])
+    want = ssm_step_reference(*problem)
+    mx.eval(got, want)
+    for name, g, w in zip(OUTPUT_NAMES, got, want):
+        if g.shape != w.shape or g.dtype != w.dtype:
+            return f"{name} is {g.dtype}{tuple(g.shape)}, expected {w.dtype}{tuple(w.shape)}"
+        ok = (
+            mx.array_equal(g, w)
+            if name == "new_conv_state"
+            else mx.allclose(g, w, rtol=1e-4, atol=1e-4)
+        )
+        if not ok.item():
+            err = mx.abs(g.astype(mx.float32) - w.astype(mx.float32)).max().item()
+            return f"{name} differs from the reference (max abs error {err:.3g})"
+    return None
+
+
+def kernel_self_check(
+    n_heads: int,
+    head_dim: int,
+    d_state: int,
+    n_groups: int,
+    d_conv: int = 4,
+    dtype: mx.Dtype = mx.float32,
+    weight_dtype: mx.Dtype | None = None,
+) -> bool:
+    """Whether the fused kernel may run for this shape and these dtypes.
+
+    The first time a (backend, shape, dtypes) is asked for in a process, the
+    kernel runs once on random inputs (batch 2) against ssm_step_reference. A
+    compile error or mismatch logs one warning and disables the kernel for the
+    rest of the process. False as well where no kernel backend exists.
+    """
+    if _reference_forced():
+        return False
+    backend = _detect_backend()
+    if backend is None:
+        return False
+    wt = dtype if weight_dtype is None else weight_dtype
+    dims = SSMDims(2, n_heads, head_dim, d_state, n_groups, d_conv)
+    key = (backend, n_heads, head_dim, d_state, n_groups, d_conv, dtype, wt)
+    with _lock:
+        if _state.disabled is not None:
+            return False
+        if key in _state.checked:
+            return True
+        try:
+            problem = _mismatch(backend, dims, dtype, wt)
+        except Exception as e:  # a compile error surfaces here, at eval
+            problem = f"{type(e).__name__}: {e}"
+        if problem is not None:
+            _state.disabled = problem
+            logger.warning(
+                "fused Mamba2 step kernel (%s) disabled, using the MLX reference instead: %s "
+                "(shape H=%d P=%d N=%d G=%d K=%d, %s/%s)",
+                backend, problem, n_heads, head_dim, d_state, n_groups, d_conv, dtype, wt,
+            )
+            return False
+        _state.checked.add(key)
+        return True
+
+
+def fused_ssm_step(
+    xBC: mx.array,
+    conv_state: mx.array,
+    conv_w: mx.array,
+    conv_b: mx.array,
+    dt: mx.array,
+    dt_bias: mx.array,
+    A: mx.array,
+    D: mx.array,
+    state: mx.array,
+    dt_min: float,
+    dt_max: float,
+    n_groups: int,
+) -> Arrays | None:
+    """ssm_step_reference as one GPU kernel launch, or None to use the reference.
+
+    Same arguments, shapes and results as ssm_step_reference. None when
+    GRANITE_MLX_REFERENCE is set, on CPU, for dtypes other than float32,
+    float16 and bfloat16, or once the kernel has been disabled.
+    """
+    if _reference_forced() or _state.disabled is not None:
+        return None
+    backend = _detect_backend()
+    if backend is None:
+        return None
+    args, dims = _prepare(xBC, conv_state, conv_w, conv_b, dt, dt_bias, A, D, state, n_groups)
+    act, wt = args[1].dtype, args[2].dtype
+    if act not in _FLOAT_DTYPES or wt not in _FLOAT_DTYPES:
+        return None
+    if not kernel_self_check(
+        dims.n_heads, dims.head_dim, dims.d_state, dims.n_groups, dims.d_conv, act, wt
+    ):
+        return None
+    return _launch(backend, args, dims, dt_min, dt_max)

@@ -1,0 +1,222 @@
+"""`load_model`: a local folder or a Hub repo id -> a ready `Model`.
+
+Reads one or sharded safetensors (with an index), in the Hub, transformers-5 or
+mlx-lm layout, quantized (a `quantization` block in config.json, mlx-lm's
+format) or not. Every problem with the files is reported in one clear message.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_flatten
+
+from .config import ModelArgs
+from .errors import CheckpointError, ConfigError, ModelNotFoundError
+from .model import Model
+from .safetensors_check import check_safetensors
+from .weights import FLOAT32_PARAMS, mlx_lm_module_paths, sanitize
+
+# What a Granite checkpoint needs from the Hub: config, weights, tokenizer, template.
+HUB_FILES = ["*.json", "*.safetensors", "*.jinja", "tokenizer.model", "*.txt"]
+_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+_DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
+
+
+def resolve_model_path(path_or_repo_id: str | os.PathLike) -> Path:
+    """A local folder as is; a Hub repo id downloaded (only the needed files) or
+    taken from the local Hub cache."""
+    path = Path(path_or_repo_id).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise ModelNotFoundError(f"{path} is a file; pass the folder that holds config.json.")
+        return path
+    text = str(path_or_repo_id)
+    if not _REPO_ID.match(text) or text.startswith((".", "/", "~")):
+        raise ModelNotFoundError(
+            f"No model folder at {path}. Pass an existing folder (with config.json and "
+            "*.safetensors) or a Hugging Face repo id such as ibm-granite/granite-4.0-h-350m."
+        )
+    return _download(text)
+
+
+def _download(repo_id: str) -> Path:
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import (
+        GatedRepoError,
+        LocalEntryNotFoundError,
+        RepositoryNotFoundError,
+    )
+
+    try:
+        return Path(snapshot_download(repo_id, allow_patterns=HUB_FILES))
+    except GatedRepoError:
+        raise ModelNotFoundError(
+            f"{repo_id} is gated on the Hugging Face Hub: accept its terms on the website and "
+            "log in with `hf auth login`, or pass a local folder."
+        ) from None
+    except RepositoryNotFoundError:
+        raise ModelNotFoundError(
+            f"The Hugging Face Hub has no repo {repo_id!r} (or it is private). Check the name, "
+            "or pass a local folder."
+        ) from None
+    except (LocalEntryNotFoundError, OSError, ValueError) as e:
+        # No network and not cached, or the Hub refused: say how to run offline.
+        raise ModelNotFoundError(
+            f"Could not get {repo_id} from the Hugging Face Hub ({type(e).__name__}) and it is "
+            "not in the local cache. Connect to the network once to download it, or pass a "
+            "local folder that holds the model (config.json and *.safetensors)."
+        ) from None
+    except Exception as e:  # huggingface_hub raises many HTTP error types
+        raise ModelNotFoundError(
+            f"Could not get {repo_id} from the Hugging Face Hub: {e}. Pass a local folder "
+            "instead, or try again later."
+        ) from None
+
+
+def load_config(folder: Path) -> dict[str, Any]:
+    path = folder / "config.json"
+    if not path.is_file():
+        raise CheckpointError(f"{folder} has no config.json: is it a model folder?")
+    try:
+        return json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{path} is not valid JSON ({e}).") from None
+
+
+def weight_files(folder: Path) -> list[Path]:
+    """The safetensors files of a checkpoint: from the shard index, or all of them."""
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (ValueError, KeyError, TypeError, AttributeError):
+            raise CheckpointError(f"{index} is damaged (no weight_map).") from None
+        missing = [n for n in names if not (folder / n).is_file()]
+        if missing:
+            raise CheckpointError(
+                f"{folder} is missing shard(s) listed in its index: {', '.join(missing)}. "
+                "Download the checkpoint again."
+            )
+        return [folder / n for n in names]
+    files = sorted(p for p in folder.glob("*.safetensors") if ".partial" not in p.name)
+    if not files:
+        bins = list(folder.glob("*.bin")) + list(folder.glob("*.pt"))
+        hint = " (PyTorch .bin weights are not read: save them as safetensors)" if bins else ""
+        raise CheckpointError(f"{folder} has no *.safetensors weights{hint}.")
+    return files
+
+
+def read_weights(folder: Path) -> dict[str, mx.array]:
+    weights: dict[str, mx.array] = {}
+    for path in weight_files(folder):
+        check_safetensors(path)
+        try:
+            weights.update(mx.load(str(path)))
+        except Exception as e:  # the header was fine, the data was not
+            raise CheckpointError(f"Cannot read {path}: {e}. Download it again.") from None
+    return weights
+
+
+def quantization_of(config: dict[str, Any]) -> dict[str, Any] | None:
+    q = config.get("quantization") or config.get("quantization_config")
+    if isinstance(q, dict) and "bits" in q and "group_size" in q:
+        return q
+    return None
+
+
+def apply_quantization(model: Model, weights: dict[str, mx.array], quant: dict[str, Any]) -> None:
+    """Turn into quantized modules exactly those whose weights come quantized.
+
+    Per-module settings in the config (keyed by our path or by mlx-lm's) override
+    the defaults, as mlx-lm writes them for mixed-precision checkpoints.
+    """
+    default = {"group_size": quant["group_size"], "bits": quant["bits"]}
+    if "mode" in quant:
+        default["mode"] = quant["mode"]
+
+    def predicate(path: str, module: nn.Module):
+        if f"{path}.scales" not in weights or not hasattr(module, "to_quantized"):
+            return False
+        for key in [path, *mlx_lm_module_paths(path, model.args)]:
+            if isinstance(quant.get(key), dict):
+                return {**default, **quant[key]}
+        return default
+
+    nn.quantize(model, class_predicate=predicate)
+
+
+def check_weights(model: Model, weights: dict[str, mx.array], folder: Path) -> None:
+    """Missing, unexpected and mis-shaped weights, all listed in one message."""
+    expected = dict(tree_flatten(model.parameters()))
+    missing = sorted(set(expected) - set(weights))
+    unexpected = sorted(set(weights) - set(expected))
+    shapes = [
+        f"  {k}: expected {tuple(expected[k].shape)}, found {tuple(weights[k].shape)}"
+        for k in sorted(set(expected) & set(weights))
+        if tuple(expected[k].shape) != tuple(weights[k].shape)
+    ]
+    if not (missing or unexpected or shapes):
+        return
+    lines = [f"The weights in {folder} do not fit its config.json:"]
+    if missing:
+        lines.append(f"missing ({len(missing)}):")
+        lines += [f"  {k} {tuple(expected[k].shape)}" for k in missing]
+    if unexpected:
+        lines.append(f"unexpected ({len(unexpected)}):")
+        lines += [f"  {k} {tuple(weights[k].shape)}" for k in unexpected]
+    if shapes:
+        lines.append(f"wrong shape ({len(shapes)}):")
+        lines += shapes
+    lines.append("Check that config.json belongs to these weights, or download the checkpoint again.")
+    raise CheckpointError("\n".join(lines))
+
+
+def parse_dtype(dtype: str | mx.Dtype | None) -> mx.Dtype | None:
+    if dtype is None or isinstance(dtype, mx.Dtype):
+        return dtype
+    if dtype not in _DTYPES:
+        raise ConfigError(f"dtype {dtype!r} is not one of {sorted(_DTYPES)}.")
+    return _DTYPES[dtype]
+
+
+def cast_weights(weights: dict[str, mx.array], dtype: mx.Dtype | None) -> dict[str, mx.array]:
+    out = {}
+    for name, w in weights.items():
+        if name.rsplit(".", 1)[-1] in FLOAT32_PARAMS:
+            w = w.astype(mx.float32)
+        elif dtype is not None and mx.issubdtype(w.dtype, mx.floating):
+            w = w.astype(dtype)
+        out[name] = w
+    return out
+
+
+def model_from_folder(folder: Path, dtype: str | mx.Dtype | None = None) -> Model:
+    config = load_config(folder)
+    args = ModelArgs.from_dict(config)
+    model = Model(args)
+    weights = sanitize(read_weights(folder), args)
+    quant = quantization_of(config)
+    if quant is not None:
+        apply_quantization(model, weights, quant)
+    weights = cast_weights(weights, parse_dtype(dtype))
+    check_weights(model, weights, folder)
+    model.load_weights(list(weights.items()), strict=False)
+    model.eval()
+    mx.eval(model.parameters())
+    return model
+
+
+def load_model(path_or_repo_id: str | os.PathLike, dtype: str | mx.Dtype | None = None) -> Model:
+    """Load a Granite 4.0 checkpoint from a local folder or a Hugging Face repo id.
+
+    dtype: "bfloat16", "float16" or "float32" to cast the weights (quantized
+    weights stay quantized); None keeps the checkpoint's own.
+    """
+    return model_from_folder(resolve_model_path(path_or_repo_id), dtype)

@@ -1,0 +1,365 @@
+"""The Granite 4.0 decoder (`granitemoehybrid`) in MLX.
+
+One file, in the manner of mlx-lm's models: module attributes carry the
+checkpoint's weight names (`in_proj`, `conv1d`, `A_log`, `shared_mlp.input_linear`,
+`block_sparse_moe.router.layer`, ...), so loading is a plain name match after
+`granite_mlx.weights.sanitize`.
+
+    h = embed(ids) * embedding_multiplier
+    for each layer:
+        h = h + residual_multiplier * mixer(rmsnorm(h))        # Mamba2 or attention
+        n = rmsnorm(h)
+        h = h + residual_multiplier * (moe(n) + shared_mlp(n))
+    logits = head(rmsnorm(h)) / logits_scaling
+"""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from . import ssm
+from .cache import Cache, KVCache, MambaCache
+from .config import ModelArgs
+
+
+class RMSNormGated(nn.Module):
+    """rmsnorm(y * silu(z)) * weight, in float32, the RMS taken per group of d_inner
+    (as the reference does; one group in every released checkpoint)."""
+
+    def __init__(self, dims: int, n_groups: int, eps: float):
+        super().__init__()
+        self.weight = mx.ones((dims,))
+        self.n_groups = n_groups
+        self.eps = eps
+
+    def __call__(self, y: mx.array, z: mx.array) -> mx.array:
+        y = y.astype(mx.float32) * nn.silu(z.astype(mx.float32))
+        if self.n_groups == 1:
+            return mx.fast.rms_norm(y, self.weight.astype(mx.float32), self.eps)
+        *lead, d = y.shape
+        y = y.reshape(*lead, self.n_groups, d // self.n_groups)
+        y = mx.fast.rms_norm(y, None, self.eps).reshape(*lead, d)
+        return y * self.weight.astype(mx.float32)
+
+
+class DepthwiseConv(nn.Module):
+    """The Mamba2 causal conv's parameters: weight (conv_dim, k), bias (conv_dim,).
+
+    Hub checkpoints store the weight as (conv_dim, 1, k) and mlx-lm ones as
+    (conv_dim, k, 1); `weights.sanitize` squeezes both to this.
+    """
+
+    def __init__(self, channels: int, kernel: int, bias: bool):
+        super().__init__()
+        self.weight = mx.zeros((channels, kernel))
+        if bias:
+            self.bias = mx.zeros((channels,))
+
+
+class Mamba2Mixer(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.n_heads = args.mamba_n_heads
+        self.head_dim = args.mamba_d_head
+        self.n_groups = args.mamba_n_groups
+        self.d_state = args.mamba_d_state
+        self.d_conv = args.mamba_d_conv
+        self.d_inner = args.mamba_d_inner
+        self.conv_dim = args.mamba_conv_dim
+        self.chunk_size = args.mamba_chunk_size
+        self.time_step_limit = tuple(args.time_step_limit)
+        self.in_proj = nn.Linear(
+            args.hidden_size, self.d_inner + self.conv_dim + self.n_heads, bias=args.mamba_proj_bias
+        )
+        self.conv1d = DepthwiseConv(self.conv_dim, self.d_conv, args.mamba_conv_bias)
+        # Kept in float32 whatever the model dtype: they enter exp() and the state.
+        self.dt_bias = mx.ones((self.n_heads,))
+        self.A_log = mx.zeros((self.n_heads,))
+        self.D = mx.ones((self.n_heads,))
+        self.norm = RMSNormGated(self.d_inner, self.n_groups, args.rms_norm_eps)
+        self.out_proj = nn.Linear(self.d_inner, args.hidden_size, bias=args.mamba_proj_bias)
+
+    def __call__(
+        self, x: mx.array, cache: MambaCache | None = None, pad_mask: mx.array | None = None
+    ) -> mx.array:
+        b, l, _ = x.shape
+        z, xBC, dt = mx.split(self.in_proj(x), [self.d_inner, self.d_inner + self.conv_dim], axis=-1)
+        A = -mx.exp(self.A_log.astype(mx.float32))
+        conv_state = cache.conv_state if cache is not None else None
+        state = cache.ssm_state if cache is not None else None
+
+        if l == 1 and pad_mask is None:
+            # Decode: the exact one-step recurrence (fused into one kernel on a GPU).
+            if conv_state is None:
+                conv_state = mx.zeros((b, self.d_conv - 1, self.conv_dim), xBC.dtype)
+            if state is None:
+                state = mx.zeros((b, self.n_heads, self.head_dim, self.d_state), mx.float32)
+            y, conv_state, state = ssm.decode_step(
+                xBC[:, 0], conv_state, self.conv1d.weight, getattr(self.conv1d, "bias", None),
+                dt[:, 0], self.dt_bias, A, self.D, state, self.time_step_limit, self.n_groups,
+            )  # fmt: skip
+            y = y[:, None]  # (b,1,h,p)
+        else:
+            if pad_mask is not None:
+                # Padding must not reach the conv window or the state (left-padded batches).
+                xBC = xBC * pad_mask[..., None].astype(xBC.dtype)
+            if conv_state is None:
+                conv_state = mx.zeros((b, self.d_conv - 1, self.conv_dim), xBC.dtype)
+            window = mx.concatenate([conv_state.astype(xBC.dtype), xBC], axis=1)  # (b,l+k-1,ch)
+            conv_state = window[:, -(self.d_conv - 1) :]
+            xBC = nn.silu(
+                ssm.depthwise_causal_conv(window, self.conv1d.weight, getattr(self.conv1d, "bias", None))
+            )  # (b,l,ch) float32
+            dt = ssm.discretize_dt(dt, self.dt_bias, self.time_step_limit)  # (b,l,h)
+            if pad_mask is not None:
+                xBC = xBC * pad_mask[..., None]
+                dt = dt * pad_mask[..., None]  # dt = 0 leaves the state untouched
+            xs, B, C = mx.split(xBC, [self.d_inner, self.d_inner + self.n_groups * self.d_state], axis=-1)
+            y, state = ssm.selective_scan(
+                xs.reshape(b, l, self.n_heads, self.head_dim),
+                dt,
+                A,
+                B.reshape(b, l, self.n_groups, self.d_state),
+                C.reshape(b, l, self.n_groups, self.d_state),
+                self.D,
+                self.chunk_size,
+                state,
+            )
+        if cache is not None:
+            cache.conv_state, cache.ssm_state = conv_state, state
+            cache.offset += l
+        y = self.norm(y.reshape(b, l, self.d_inner), z)
+        return self.out_proj(y.astype(x.dtype))
+
+
+class Attention(nn.Module):
+    """GQA with softmax scale `attention_multiplier`; RoPE or no positions at all (NoPE)."""
+
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.n_heads = args.num_attention_heads
+        self.n_kv_heads = args.num_key_value_heads
+        self.head_dim = args.head_dim
+        self.scale = args.softmax_scale
+        bias = args.attention_bias
+        self.q_proj = nn.Linear(args.hidden_size, self.n_heads * self.head_dim, bias=bias)
+        self.k_proj = nn.Linear(args.hidden_size, self.n_kv_heads * self.head_dim, bias=bias)
+        self.v_proj = nn.Linear(args.hidden_size, self.n_kv_heads * self.head_dim, bias=bias)
+        self.o_proj = nn.Linear(self.n_heads * self.head_dim, args.hidden_size, bias=bias)
+        self.rope = None
+        if args.position_embedding_type == "rope":
+            factor = float((args.rope_scaling or {}).get("factor", 1.0))
+            self.rope = nn.RoPE(self.head_dim, traditional=False, base=args.rope_theta, scale=1 / factor)
+
+    def __call__(self, x: mx.array, cache: KVCache | None = None, mask=None) -> mx.array:
+        b, l, _ = x.shape
+        q = self.q_proj(x).reshape(b, l, self.n_heads, -1).transpose(0, 2, 1, 3)  # (b,nh,l,hd)
+        k = self.k_proj(x).reshape(b, l, self.n_kv_heads, -1).transpose(0, 2, 1, 3)
+        v = self.v_proj(x).reshape(b, l, self.n_kv_heads, -1).transpose(0, 2, 1, 3)
+        if self.rope is not None:
+            offset = cache.offset if cache is not None else 0
+            q = self.rope(q, offset=offset)
+            k = self.rope(k, offset=offset)
+        if cache is not None:
+            k, v = cache.update_and_fetch(k, v)
+        o = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale, mask=mask)
+        return self.o_proj(o.transpose(0, 2, 1, 3).reshape(b, l, -1))
+
+
+class MLP(nn.Module):
+    """input_linear gives 2I outputs: silu(first half) * second half -> output_linear."""
+
+    def __init__(self, hidden: int, intermediate: int):
+        super().__init__()
+        self.input_linear = nn.Linear(hidden, 2 * intermediate, bias=False)
+        self.output_linear = nn.Linear(intermediate, hidden, bias=False)
+
+    def __call__(self, x: mx.array) -> mx.array:
+        gate, up = mx.split(self.input_linear(x), 2, axis=-1)
+        return self.output_linear(nn.silu(gate) * up)
+
+
+class ExpertsLinear(nn.Module):
+    """Stacked expert matrices, weight (experts, out, in), applied through gather_mm."""
+
+    def __init__(self, experts: int, in_dims: int, out_dims: int):
+        super().__init__()
+        self.weight = mx.zeros((experts, out_dims, in_dims))
+
+    def __call__(self, x: mx.array, indices: mx.array, sorted_indices: bool = False) -> mx.array:
+        w = self.weight
+        if x.dtype != mx.float32 and mx.default_device() == mx.cpu:
+            # MLX's CPU gather_mm takes float32 only; GPUs run the model dtype.
+            return mx.gather_mm(
+                x.astype(mx.float32), w.astype(mx.float32).swapaxes(-1, -2),
+                rhs_indices=indices, sorted_indices=sorted_indices,
+            ).astype(x.dtype)  # fmt: skip
+        return mx.gather_mm(x, w.swapaxes(-1, -2), rhs_indices=indices, sorted_indices=sorted_indices)
+
+    def to_quantized(self, group_size: int = 64, bits: int = 4, mode: str = "affine", **_):
+        return QuantizedExpertsLinear.from_float(self, group_size, bits, mode)
+
+
+class QuantizedExpertsLinear(nn.Module):
+    def __init__(self, experts: int, in_dims: int, out_dims: int, group_size: int, bits: int,
+                 mode: str = "affine"):  # fmt: skip
+        super().__init__()
+        self.group_size, self.bits, self.mode = group_size, bits, mode
+        w = mx.zeros((experts, out_dims, in_dims))
+        self.weight, self.scales, *rest = mx.quantize(w, group_size, bits, mode=mode)
+        if rest:
+            self.biases = rest[0]
+        self.freeze()
+
+    @classmethod
+    def from_float(cls, layer: ExpertsLinear, group_size: int, bits: int, mode: str):
+        e, out_dims, in_dims = layer.weight.shape
+        q = cls(e, in_dims, out_dims, group_size, bits, mode)
+        q.weight, q.scales, *rest = mx.quantize(layer.weight, group_size, bits, mode=mode)
+        if rest:
+            q.biases = rest[0]
+        return q
+
+    def __call__(self, x: mx.array, indices: mx.array, sorted_indices: bool = False) -> mx.array:
+        return mx.gather_qmm(
+            x, self.weight, self.scales, self.get("biases"), rhs_indices=indices, transpose=True,
+            group_size=self.group_size, bits=self.bits, mode=self.mode,
+            sorted_indices=sorted_indices,
+        )  # fmt: skip
+
+
+class Router(nn.Module):
+    def __init__(self, hidden: int, experts: int):
+        super().__init__()
+        self.layer = nn.Linear(hidden, experts, bias=False)
+
+
+class MoE(nn.Module):
+    """Top-k experts: router logits in float32, softmax over the k chosen only."""
+
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.top_k = args.num_experts_per_tok
+        self.router = Router(args.hidden_size, args.num_local_experts)
+        self.input_linear = ExpertsLinear(
+            args.num_local_experts, args.hidden_size, 2 * args.intermediate_size
+        )
+        self.output_linear = ExpertsLinear(
+            args.num_local_experts, args.intermediate_size, args.hidden_size
+        )
+
+    def __call__(self, x: mx.array) -> mx.array:
+        shape = x.shape
+        x = x.reshape(-1, shape[-1])  # (t, H)
+        k = self.top_k
+        logits = self.router.layer(x).astype(mx.float32)  # (t, E)
+        idx = mx.argpartition(-logits, kth=k - 1, axis=-1)[:, :k]  # (t, k)
+        weights = mx.softmax(mx.take_along_axis(logits, idx, axis=-1), axis=-1)
+        t = x.shape[0]
+        if t * k >= 64:
+            # Many tokens: group rows by expert so each expert's matrix is read once.
+            flat = idx.flatten()
+            order = mx.argsort(flat)
+            inv = mx.argsort(order)
+            xs = x[order // k][:, None]  # (t*k, 1, H)
+            h = self._experts(xs, flat[order], True)  # (t*k, 1, H)
+            h = h[inv].reshape(t, k, -1)
+        else:
+            h = self._experts(x[:, None, None], idx, False).squeeze(-2)  # (t, k, H)
+        y = (h.astype(mx.float32) * weights[..., None]).sum(axis=1)
+        return y.astype(x.dtype).reshape(shape)
+
+    def _experts(self, x: mx.array, idx: mx.array, sorted_indices: bool) -> mx.array:
+        gate, up = mx.split(self.input_linear(x, idx, sorted_indices), 2, axis=-1)
+        return self.output_linear(nn.silu(gate) * up, idx, sorted_indices)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, args: ModelArgs, kind: str):
+        super().__init__()
+        self.kind = kind
+        self.residual_multiplier = args.residual_multiplier
+        self.input_layernorm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
+        self.post_attention_layernorm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
+        if kind == "mamba":
+            self.mamba = Mamba2Mixer(args)
+        else:
+            self.self_attn = Attention(args)
+        self.shared_mlp = MLP(args.hidden_size, args.shared_intermediate_size)
+        if args.use_moe:
+            self.block_sparse_moe = MoE(args)
+
+    def __call__(self, x: mx.array, cache=None, mask=None, pad_mask=None) -> mx.array:
+        n = self.input_layernorm(x)
+        if self.kind == "mamba":
+            h = self.mamba(n, cache, pad_mask)
+        else:
+            h = self.self_attn(n, cache, mask)
+        x = x + self.residual_multiplier * h
+        n = self.post_attention_layernorm(x)
+        h = self.shared_mlp(n)
+        if "block_sparse_moe" in self:
+            h = h + self.block_sparse_moe(n)
+        return x + self.residual_multiplier * h
+
+
+class GraniteModel(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size)
+        self.layers = [DecoderLayer(args, kind) for kind in args.layer_types]
+        self.norm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
+
+
+class Model(nn.Module):
+    """`model(tokens (b, l), cache=None) -> logits (b, l, vocab)`."""
+
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.args = args
+        self.model_type = args.model_type
+        self.model = GraniteModel(args)
+        if not args.tie_word_embeddings:
+            self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
+
+    @property
+    def layers(self) -> list[DecoderLayer]:
+        return self.model.layers
+
+    def make_cache(self, left_padding: list[int] | None = None) -> Cache:
+        """One cache per layer. `left_padding` (one count per batch row) marks
+        leading pad tokens of a left-padded batch, kept out of attention and state."""
+        return [
+            MambaCache(left_padding) if layer.kind == "mamba" else KVCache(left_padding)
+            for layer in self.layers
+        ]
+
+    def __call__(self, tokens: mx.array, cache: Cache | None = None) -> mx.array:
+        return self.logits(self.hidden_states(tokens, cache))
+
+    def hidden_states(self, tokens: mx.array, cache: Cache | None = None) -> mx.array:
+        """The final-normed hidden states (b, l, hidden)."""
+        h = self.model.embed_tokens(tokens) * self.args.embedding_multiplier
+        b, l = tokens.shape
+        offset = cache[0].offset if cache else 0
+        pad_mask, mask = None, ("causal" if l > 1 else None)
+        left = cache[0].left_padding if cache else None
+        if left is not None and offset < cache[0].left_max:
+            positions = offset + mx.arange(l)
+            pad_mask = positions[None, :] >= left[:, None]  # (b, l): real tokens
+        if left is not None:
+            keys = mx.arange(offset + l)
+            allowed = keys[None, None, :] <= (offset + mx.arange(l))[None, :, None]  # causal
+            allowed = allowed & (keys[None, None, :] >= left[:, None, None])  # (b, l, s)
+            mask = allowed[:, None]  # (b, 1, l, s)
+        for i, layer in enumerate(self.layers):
+            h = layer(h, cache[i] if cache else None, mask, pad_mask)
+        return self.model.norm(h)
+
+    def logits(self, h: mx.array) -> mx.array:
+        if self.args.tie_word_embeddings:
+            out = self.model.embed_tokens.as_linear(h)
+        else:
+            out = self.lm_head(h)
+        return out / self.args.logits_scaling

@@ -1,0 +1,240 @@
+"""The Mamba2 selective scan: a chunked SSD prefill, the exact one-step decode, and
+a plain sequential recurrence that both are tested against.
+
+Glossary (shapes in docstrings use these letters):
+    b  batch                      l  sequence length
+    h  SSM heads (mamba_n_heads)  p  head dim (mamba_d_head)
+    g  groups (mamba_n_groups)    n  state size (mamba_d_state)
+    c  chunks                     q  chunk length (mamba_chunk_size)
+    k  conv kernel (mamba_d_conv)
+
+Per head, with state S (p x n) kept in float32:
+    S_t = exp(dt_t * A) * S_{t-1} + dt_t * outer(x_t, B_t)
+    y_t = S_t @ C_t + D * x_t
+Head h reads group h // (h / g) of B and C.
+
+`selective_scan` and `decode_step` are the single dispatch points: fused kernels
+(granite_mlx.kernels) plug in there without the model knowing.
+"""
+
+from __future__ import annotations
+
+import mlx.core as mx
+
+
+def softplus(x: mx.array) -> mx.array:
+    # Same threshold as torch's softplus: linear above 20.
+    return mx.where(x > 20.0, x, mx.log1p(mx.exp(mx.minimum(x, 20.0))))
+
+
+def discretize_dt(dt: mx.array, dt_bias: mx.array, limit: tuple[float, float]) -> mx.array:
+    """softplus(dt + dt_bias) in float32, clamped to `time_step_limit`. dt: (..., h)."""
+    dt = softplus(dt.astype(mx.float32) + dt_bias.astype(mx.float32))
+    lo, hi = limit
+    if lo > 0.0 or hi != float("inf"):
+        dt = mx.clip(dt, lo, hi)
+    return dt
+
+
+def _segsum(a: mx.array) -> mx.array:
+    """Stable segment sums: out[..., i, j] = sum(a[..., j+1 : i+1]) for i >= j, else -inf.
+
+    a: (..., q) -> (..., q, q). Summing the masked terms directly (rather than
+    differencing a cumulative sum) keeps full float32 precision near the diagonal,
+    where exp() of the result is close to 1 and matters most.
+    """
+    q = a.shape[-1]
+    idx = mx.arange(q)
+    strict = idx[:, None] > idx[None, :]  # (i=k, j): term k counts for column j when k > j
+    terms = mx.where(strict, mx.expand_dims(a, -1), 0.0)  # (..., k, j)
+    sums = mx.cumsum(terms, axis=-2)  # (..., i, j)
+    lower = idx[:, None] >= idx[None, :]
+    return mx.where(lower, sums, -mx.inf)
+
+
+def ssd_chunked_scan(
+    x: mx.array,
+    dt: mx.array,
+    A: mx.array,
+    B: mx.array,
+    C: mx.array,
+    D: mx.array,
+    chunk_size: int,
+    initial_state: mx.array | None = None,
+) -> tuple[mx.array, mx.array]:
+    """Prefill by SSD, linear in l: exact attention-like blocks inside each chunk,
+    the recurrence carried between chunks.
+
+    x: (b, l, h, p)   dt: (b, l, h) discretized, float32   A: (h,) float32 (negative)
+    B, C: (b, l, g, n)   D: (h,)   initial_state: (b, h, p, n) float32 or None
+    Returns y (b, l, h, p) float32 and the final state (b, h, p, n) float32.
+    """
+    b, l, h, p = x.shape
+    g, n = B.shape[-2:]
+    hg = h // g
+    q = min(chunk_size, l)
+    pad = (-l) % q
+    x = x.astype(mx.float32)
+    B = B.astype(mx.float32)
+    C = C.astype(mx.float32)
+    skip = x * D.astype(mx.float32)[:, None]
+    if pad:
+        # dt = 0 on padding: decay exp(0) = 1 and no input, so the state passes
+        # through the padded steps unchanged and the final state stays exact.
+        x, dt, B, C = (mx.pad(t, [(0, 0), (0, pad)] + [(0, 0)] * (t.ndim - 2)) for t in (x, dt, B, C))
+    c = (l + pad) // q
+
+    # 1. Into chunks, heads split as (g, hg) so B and C broadcast per group.
+    xdt = (x * dt[..., None]).reshape(b, c, q, g, hg, p).transpose(0, 1, 3, 4, 2, 5)  # (b,c,g,hg,q,p)
+    a = (dt * A).reshape(b, c, q, g, hg).transpose(0, 1, 3, 4, 2)  # (b,c,g,hg,q)
+    B = B.reshape(b, c, q, g, n).transpose(0, 1, 3, 2, 4)[:, :, :, None]  # (b,c,g,1,q,n)
+    C = C.reshape(b, c, q, g, n).transpose(0, 1, 3, 2, 4)[:, :, :, None]  # (b,c,g,1,q,n)
+    a_cum = mx.cumsum(a, axis=-1)  # (b,c,g,hg,q)
+
+    # 2. Inside each chunk: masked, decayed C.B^T applied to x*dt.
+    decay = mx.exp(_segsum(a))  # (b,c,g,hg,q,q)
+    scores = (C @ B.swapaxes(-1, -2)) * decay  # (b,c,g,hg,q,q)
+    y = scores @ xdt  # (b,c,g,hg,q,p)
+
+    # 3. The state each chunk leaves behind, as if it started from zero.
+    to_end = mx.exp(a_cum[..., -1:] - a_cum)  # (b,c,g,hg,q)
+    chunk_states = (xdt * to_end[..., None]).swapaxes(-1, -2) @ B  # (b,c,g,hg,p,n)
+
+    # 4. Carry the state across chunks: a short sequential loop, one step per chunk.
+    state = (
+        mx.zeros((b, g, hg, p, n), mx.float32)
+        if initial_state is None
+        else initial_state.astype(mx.float32).reshape(b, g, hg, p, n)
+    )
+    chunk_decay = mx.exp(a_cum[..., -1])  # (b,c,g,hg)
+    starts = []
+    for i in range(c):
+        starts.append(state)
+        state = state * chunk_decay[:, i, ..., None, None] + chunk_states[:, i]
+    start_states = mx.stack(starts, axis=1)  # (b,c,g,hg,p,n)
+
+    # 5. What the carried-in state contributes to each position.
+    y = y + (C @ start_states.swapaxes(-1, -2)) * mx.exp(a_cum)[..., None]  # (b,c,g,hg,q,p)
+
+    y = y.transpose(0, 1, 4, 2, 3, 5).reshape(b, c * q, h, p)[:, :l]  # (b,l,h,p)
+    return y + skip, state.reshape(b, h, p, n)
+
+
+def sequential_scan(
+    x: mx.array,
+    dt: mx.array,
+    A: mx.array,
+    B: mx.array,
+    C: mx.array,
+    D: mx.array,
+    initial_state: mx.array | None = None,
+) -> tuple[mx.array, mx.array]:
+    """The recurrence one step at a time: the plain reference for the chunked scan.
+
+    Same arguments and results as `ssd_chunked_scan` (without chunk_size).
+    """
+    b, l, h, p = x.shape
+    n = B.shape[-1]
+    state = mx.zeros((b, h, p, n), mx.float32) if initial_state is None else initial_state
+    ys = []
+    for t in range(l):
+        y, state = ssm_update(state, x[:, t], dt[:, t], A, B[:, t], C[:, t], D)
+        ys.append(y)
+    return mx.stack(ys, axis=1), state
+
+
+def ssm_update(
+    state: mx.array, x: mx.array, dt: mx.array, A: mx.array, B: mx.array, C: mx.array, D: mx.array
+) -> tuple[mx.array, mx.array]:
+    """One token of the recurrence.
+
+    state: (b, h, p, n) float32   x: (b, h, p)   dt: (b, h) discretized   A: (h,)
+    B, C: (b, g, n)   D: (h,)  ->  y (b, h, p) float32, new state (b, h, p, n)
+    """
+    b, h, p = x.shape
+    g, n = B.shape[-2:]
+    x = x.astype(mx.float32)
+    decay = mx.exp(dt * A)[..., None, None]  # (b,h,1,1)
+    B = mx.repeat(B.astype(mx.float32), h // g, axis=1)[:, :, None, :]  # (b,h,1,n)
+    C = mx.repeat(C.astype(mx.float32), h // g, axis=1)[..., None]  # (b,h,n,1)
+    state = state * decay + (dt[..., None] * x)[..., None] * B  # (b,h,p,n)
+    y = (state @ C).squeeze(-1) + D.astype(mx.float32)[:, None] * x
+    return y, state
+
+
+def selective_scan(
+    x: mx.array,
+    dt: mx.array,
+    A: mx.array,
+    B: mx.array,
+    C: mx.array,
+    D: mx.array,
+    chunk_size: int,
+    initial_state: mx.array | None = None,
+) -> tuple[mx.array, mx.array]:
+    """The prefill dispatch point (see `ssd_chunked_scan` for shapes).
+
+    No prefill kernel is used: a fused scan kernel is only worth keeping where it
+    beats this pure-MLX chunked scan, which could not be measured on a GPU here.
+    """
+    return ssd_chunked_scan(x, dt, A, B, C, D, chunk_size, initial_state)
+
+
+def depthwise_causal_conv(window: mx.array, weight: mx.array, bias: mx.array | None) -> mx.array:
+    """Causal depthwise conv over time, accumulated in float32.
+
+    window: (b, l + k - 1, ch) the previous k-1 inputs then the new ones;
+    weight: (ch, k); bias: (ch,)  ->  (b, l, ch) float32.
+    A k-term sum of shifted products: exact, and cheaper than a conv primitive
+    for k = 4.
+    """
+    k = weight.shape[-1]
+    l = window.shape[1] - k + 1
+    w = weight.astype(mx.float32)
+    out = window[:, 0:l].astype(mx.float32) * w[:, 0]
+    for i in range(1, k):
+        out = out + window[:, i : i + l].astype(mx.float32) * w[:, i]
+    if bias is not None:
+        out = out + bias.astype(mx.float32)
+    return out
+
+
+def decode_step_reference(
+    xBC: mx.array,
+    conv_state: mx.array,
+    conv_weight: mx.array,
+    conv_bias: mx.array | None,
+    dt: mx.array,
+    dt_bias: mx.array,
+    A: mx.array,
+    D: mx.array,
+    state: mx.array,
+    time_step_limit: tuple[float, float],
+    n_groups: int,
+) -> tuple[mx.array, mx.array, mx.array]:
+    """One token through the conv and the SSM, in plain MLX ops.
+
+    xBC: (b, ch) new pre-conv input   conv_state: (b, k-1, ch)   conv_weight: (ch, k)
+    dt: (b, h) raw   state: (b, h, p, n) float32
+    Returns y (b, h, p) float32, the new conv state (b, k-1, ch), the new state.
+    """
+    b, ch = xBC.shape
+    h, p, n = state.shape[1:]
+    window = mx.concatenate([conv_state.astype(xBC.dtype), xBC[:, None]], axis=1)  # (b,k,ch)
+    xBC = silu_f32(depthwise_causal_conv(window, conv_weight, conv_bias)[:, 0])  # (b,ch)
+    x, B, C = mx.split(xBC, [h * p, h * p + n_groups * n], axis=-1)
+    dt = discretize_dt(dt, dt_bias, time_step_limit)
+    y, state = ssm_update(
+        state, x.reshape(b, h, p), dt, A, B.reshape(b, n_groups, n), C.reshape(b, n_groups, n), D
+    )
+    return y, window[:, 1:], state
+
+
+def silu_f32(x: mx.array) -> mx.array:
+    return x * mx.sigmoid(x)
+
+
+def decode_step(*args, **kwargs) -> tuple[mx.array, mx.array, mx.array]:
+    """The decode dispatch point (arguments as `decode_step_reference`): a fused
+    kernel on an Apple or NVIDIA GPU, plain MLX ops otherwise."""
+    return decode_step_reference(*args, **kwargs)

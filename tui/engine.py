@@ -1,0 +1,390 @@
+"""The engine thread: loads the model, owns the ChatSession, answers requests in order.
+
+MLX streams belong to the thread that made them: a model loaded on one thread and run
+on a fresh worker per message fails. So one long-lived thread does every MLX call (the
+load, the prefill, each answer) and the app only posts requests to its queue and reads
+events back. ``Cancel`` is the one request that skips the queue: it must reach an
+answer that is running, and the queue is not read until that answer ends.
+
+The protocol lives in ``protocol.py``; ``EngineThread`` is shared by the real engine
+here and the scripted one in ``fake_engine.py``, so the tests exercise this code too.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import queue
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+from .protocol import (
+    Cancel,
+    Done,
+    EditLast,
+    Error,
+    Event,
+    GenerationStats,
+    Load,
+    Loaded,
+    LoadFailed,
+    LoadProgress,
+    OpenChat,
+    Regenerate,
+    Request,
+    SamplingSettings,
+    Send,
+    SetSystem,
+    Shutdown,
+    Token,
+    ToolCallInfo,
+)
+
+DEFAULT_MODEL = "ibm-granite/granite-4.0-h-350m"
+
+# Files a checkpoint needs; the Hub repo also holds READMEs and other formats.
+_CHECKPOINT_FILES = ["*.json", "*.safetensors", "*.txt", "*.jinja", "*.model", "tokenizer*"]
+
+# Batch tokens into one event per interval: a fast model posting one message per token
+# would keep the UI busy rendering and slow its answer to key presses.
+TOKEN_FLUSH_SECONDS = 1 / 30
+
+
+class ModelUnavailable(Exception):
+    """The model can be neither found locally nor downloaded; the text says what to do."""
+
+
+class EngineNotReady(Exception):
+    pass
+
+
+LOCAL_FOLDER_HINT = (
+    "To use a model that is already on disk, pass its folder: "
+    "granite-mlx chat --model /path/to/folder "
+    "(the folder that holds config.json, the *.safetensors weights and the tokenizer files)."
+)
+
+
+def _looks_like_path(model: str) -> bool:
+    return model.startswith(("/", ".", "~")) or "\\" in model or model.count("/") > 1
+
+
+def resolve_model(
+    model: str, progress: Callable[[str, float, float | None], None] | None = None
+) -> str:
+    """Return a local folder for ``model``: the folder itself, the Hub cache, or a download.
+
+    Raises ModelUnavailable with a message for the user when none of those works.
+    """
+    path = Path(model).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise ModelUnavailable(f"{model} is a file; the model must be a folder.")
+        return str(path)
+    if _looks_like_path(model):
+        raise ModelUnavailable(f"There is no folder at {model}.\n{LOCAL_FOLDER_HINT}")
+
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.utils import GatedRepoError, RepositoryNotFoundError
+
+    # Cached: no network at all. Any failure here just means "download it".
+    with contextlib.suppress(Exception):
+        return snapshot_download(model, allow_patterns=_CHECKPOINT_FILES, local_files_only=True)
+    try:
+        return snapshot_download(
+            model,
+            allow_patterns=_CHECKPOINT_FILES,
+            tqdm_class=_progress_bar_class(progress) if progress else None,
+        )
+    except GatedRepoError as exc:
+        raise ModelUnavailable(
+            f"{model} is a gated model on the Hugging Face Hub: accept its terms on the "
+            f"model page and log in (hf auth login).\n{LOCAL_FOLDER_HINT}"
+        ) from exc
+    except RepositoryNotFoundError as exc:
+        raise ModelUnavailable(
+            f"{model} is neither a local folder nor a model on the Hugging Face Hub.\n"
+            f"{LOCAL_FOLDER_HINT}"
+        ) from exc
+    except Exception as exc:
+        raise ModelUnavailable(
+            f"Could not download {model}: the Hugging Face Hub cannot be reached "
+            f"({type(exc).__name__}) and the model is not in the local cache.\n"
+            f"Connect to the internet once so it can be downloaded.\n{LOCAL_FOLDER_HINT}"
+        ) from exc
+
+
+def _progress_bar_class(report: Callable[[str, float, float | None], None]) -> type:
+    """A tqdm class that reports byte progress to ``report`` instead of drawing it."""
+    from tqdm.auto import tqdm
+
+    class ReportingBar(tqdm):  # type: ignore[misc]
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            kwargs.pop("name", None)
+            # Draw into a dummy file: the terminal belongs to Textual.
+            kwargs.update(disable=False, file=io.StringIO())
+            super().__init__(*args, **kwargs)
+
+        def update(self, n: float | None = 1) -> bool | None:
+            shown = super().update(n)
+            # Report bytes written; skip the parallel "bytes over the network" bar.
+            desc = self.desc or ""
+            if self.unit == "B" and not desc.startswith("Downloading bytes"):
+                report(desc or "Downloading", self.n, self.total or None)
+            return shown
+
+    return ReportingBar
+
+
+def _same_history(a: list[dict[str, Any]], b: list[dict[str, Any]]) -> bool:
+    """Whether two histories hold the same turns (system prompts compared separately)."""
+
+    def turns(messages: list[dict[str, Any]]) -> list[tuple[str, str]]:
+        return [
+            (m.get("role", ""), m.get("content") or "")
+            for m in messages
+            if m.get("role") != "system"
+        ]
+
+    return turns(a) == turns(b)
+
+
+def _system_of(messages: list[dict[str, Any]]) -> str | None:
+    for message in messages:
+        if message.get("role") == "system":
+            return message.get("content")
+    return None
+
+
+def _tool_call_info(call: Any) -> ToolCallInfo:
+    return ToolCallInfo(
+        name=str(getattr(call, "name", "") or "?"),
+        arguments=dict(getattr(call, "arguments", None) or {}),
+        raw=str(getattr(call, "raw", "") or ""),
+        valid=bool(getattr(call, "valid", True)),
+        error=(str(call.error) if getattr(call, "error", None) else None),
+    )
+
+
+def _stats_of(response: Any) -> GenerationStats | None:
+    try:
+        return GenerationStats(
+            prompt_tokens=int(response.prompt_tokens),
+            prompt_tps=float(response.prompt_tps),
+            generation_tokens=int(response.generation_tokens),
+            generation_tps=float(response.generation_tps),
+            peak_memory=float(response.peak_memory),
+        )
+    except (AttributeError, TypeError, ValueError):
+        return None
+
+
+class EngineThread(threading.Thread):
+    """Runs requests one at a time on a single thread; subclasses say how to load."""
+
+    def __init__(self, emit: Callable[[Event], None]) -> None:
+        super().__init__(name="granite-engine", daemon=True)
+        self._emit = emit
+        self._requests: queue.Queue[Request] = queue.Queue()
+        # One flag per answer, made at submit time, so an Esc pressed before the engine
+        # picks the answer up still stops it.
+        self._cancel_flags: dict[int, threading.Event] = {}
+        self._flags_lock = threading.Lock()
+        self._model: Any = None
+        self._tokenizer: Any = None
+        self._session_class: Any = None
+        self._session: Any = None
+        self._chat = OpenChat()
+        self._not_ready = "The model is still loading."
+
+    # --- called from the app's thread ---------------------------------------------------
+
+    def submit(self, request: Request) -> None:
+        if isinstance(request, (Cancel, Shutdown)):
+            with self._flags_lock:
+                for flag in self._cancel_flags.values():
+                    flag.set()
+            if isinstance(request, Cancel):
+                return
+        elif isinstance(request, (Send, Regenerate, EditLast)):
+            with self._flags_lock:
+                self._cancel_flags[request.request_id] = threading.Event()
+        self._requests.put(request)
+
+    # --- subclass hooks (run on the engine thread) --------------------------------------
+
+    def load_model(self, model: str) -> tuple[Any, Any, Any]:
+        """Return (model, tokenizer, ChatSession class) for ``model``."""
+        raise NotImplementedError
+
+    def describe_load_error(self, model: str, exc: BaseException) -> str:
+        return f"Could not load {model}: {type(exc).__name__}: {exc}"
+
+    # --- the engine thread ----------------------------------------------------------------
+
+    def run(self) -> None:
+        while True:
+            request = self._requests.get()
+            if isinstance(request, Shutdown):
+                return
+            try:
+                self._handle(request)
+            except Exception as exc:  # noqa: BLE001 - one bad request must not end the thread
+                request_id = getattr(request, "request_id", None)
+                self._emit(Error(request_id, f"{type(exc).__name__}: {exc}"))
+
+    def _handle(self, request: Request) -> None:
+        if isinstance(request, Load):
+            self._load(request.model)
+        elif isinstance(request, OpenChat):
+            self._chat = request
+            self._session = None  # built on the next answer
+        elif isinstance(request, SetSystem):
+            self._chat = OpenChat(self._chat.messages, request.text, self._chat.session_path)
+            if self._session is not None:
+                self._session.set_system(request.text)
+        elif isinstance(request, Send):
+            self._answer(request.request_id, request.settings, "send", request.text)
+        elif isinstance(request, Regenerate):
+            self._answer(request.request_id, request.settings, "regenerate")
+        elif isinstance(request, EditLast):
+            self._answer(request.request_id, request.settings, "edit_last", request.text)
+
+    def _load(self, model: str) -> None:
+        try:
+            self._model, self._tokenizer, self._session_class = self.load_model(model)
+        except Exception as exc:  # noqa: BLE001 - any failure becomes a message for the user
+            self._not_ready = self.describe_load_error(model, exc)
+            self._emit(LoadFailed(self._not_ready))
+            return
+        self._session = None
+        self._emit(Loaded(model))
+
+    def _ensure_session(self) -> Any:
+        if self._model is None:
+            raise EngineNotReady(self._not_ready)
+        if self._session is not None:
+            return self._session
+        chat = self._chat
+        history = [dict(m) for m in chat.messages]
+        session = None
+        if chat.session_path and Path(chat.session_path).exists():
+            try:
+                saved = self._session_class.load(chat.session_path, self._model, self._tokenizer)
+                if _same_history(saved.messages, history):
+                    session = saved
+                    if _system_of(saved.messages) != chat.system:
+                        session.set_system(chat.system)
+            except Exception:  # noqa: BLE001 - stale or damaged file: prefill the history instead
+                session = None
+        if session is None:
+            session = self._session_class.from_messages(
+                self._model, self._tokenizer, history, system=chat.system
+            )
+        self._session = session
+        return session
+
+    def _answer(
+        self, request_id: int, settings: SamplingSettings, kind: str, text: str = ""
+    ) -> None:
+        with self._flags_lock:
+            cancel = self._cancel_flags.setdefault(request_id, threading.Event())
+        try:
+            if cancel.is_set():  # stopped before it started
+                self._emit(Done(request_id, None, "cancelled"))
+                return
+            try:
+                session = self._ensure_session()
+            except EngineNotReady as exc:
+                self._emit(Error(request_id, str(exc)))
+                return
+            options = dict(settings.as_options(), cancel=cancel)
+            if kind == "send":
+                responses = session.send(text, **options)
+            elif kind == "regenerate":
+                responses = session.regenerate(**options)
+            else:
+                responses = session.edit_last(text, **options)
+            self._stream(request_id, responses, cancel)
+        finally:
+            with self._flags_lock:
+                self._cancel_flags.pop(request_id, None)
+
+    def _stream(self, request_id: int, responses: Iterator[Any], cancel: threading.Event) -> None:
+        pending: list[str] = []
+        last: Any = None
+        flushed_at = time.monotonic()
+
+        def flush(tool_calls: tuple[ToolCallInfo, ...] = ()) -> None:
+            nonlocal flushed_at
+            if pending or tool_calls:
+                self._emit(Token(request_id, "".join(pending), tool_calls))
+                pending.clear()
+            flushed_at = time.monotonic()
+
+        try:
+            for response in responses:
+                last = response
+                if response.text:
+                    pending.append(response.text)
+                calls = tuple(_tool_call_info(c) for c in (response.tool_calls or ()))
+                if calls or time.monotonic() - flushed_at >= TOKEN_FLUSH_SECONDS:
+                    flush(calls)
+        except Exception as exc:  # noqa: BLE001 - shown in the answer; the app goes on
+            flush()  # show what arrived before the failure
+            self._session = None  # its state is unknown; the app reopens the chat
+            self._emit(Error(request_id, f"{type(exc).__name__}: {exc}"))
+            return
+        flush()
+        finish = getattr(last, "finish_reason", None)
+        if finish not in ("stop", "length", "cancelled"):
+            finish = "cancelled" if cancel.is_set() else "stop"
+        session = self._session
+        tool_calls = None
+        if session is not None and session.messages:
+            answer = session.messages[-1]
+            if answer.get("role") == "assistant":
+                tool_calls = answer.get("tool_calls")
+            self._chat = OpenChat(
+                tuple(session.messages), self._chat.system, self._chat.session_path
+            )
+            self._save_session(session)
+        self._emit(Done(request_id, _stats_of(last) if last else None, finish, tool_calls))
+
+    def _save_session(self, session: Any) -> None:
+        if not self._chat.session_path:
+            return
+        # Only a speed-up: if saving fails, reopening prefills the history instead.
+        with contextlib.suppress(Exception):
+            Path(self._chat.session_path).parent.mkdir(parents=True, exist_ok=True)
+            session.save(self._chat.session_path)
+
+
+class RealEngine(EngineThread):
+    """The engine around granite_mlx.load and granite_mlx.session.ChatSession."""
+
+    def load_model(self, model: str) -> tuple[Any, Any, Any]:
+        def report(description: str, completed: float, total: float | None) -> None:
+            self._emit(LoadProgress(description, completed, total))
+
+        path = resolve_model(model, progress=report)
+        # Imported here, on the engine thread, so any stream the library makes at import
+        # time belongs to this thread.
+        from granite_mlx.session import ChatSession
+
+        from granite_mlx import load
+
+        loaded_model, tokenizer = load(path)
+        return loaded_model, tokenizer, ChatSession
+
+    def describe_load_error(self, model: str, exc: BaseException) -> str:
+        from granite_mlx.errors import GraniteError
+
+        if isinstance(exc, ModelUnavailable):
+            return str(exc)
+        if isinstance(exc, GraniteError):  # the library's own message already says why
+            return f"Could not load {model}: {exc}\n{LOCAL_FOLDER_HINT}"
+        return super().describe_load_error(model, exc)
