@@ -46,21 +46,28 @@ class KVCache:
 
     def update_and_fetch(self, keys: mx.array, values: mx.array) -> tuple[mx.array, mx.array]:
         """Append (b, kv_heads, l, head_dim) keys/values; return everything so far."""
-        l = keys.shape[2]
-        end = self.offset + l
-        if self.keys is None or end > self.keys.shape[2]:
-            capacity = ((end + _GROW - 1) // _GROW) * _GROW
-            b, kvh, _, kd = keys.shape
-            new_k = mx.zeros((b, kvh, capacity, kd), keys.dtype)
-            new_v = mx.zeros((b, kvh, capacity, values.shape[3]), values.dtype)
-            if self.keys is not None and self.offset:
-                new_k[:, :, : self.offset] = self.keys[:, :, : self.offset]
-                new_v[:, :, : self.offset] = self.values[:, :, : self.offset]
-            self.keys, self.values = new_k, new_v
+        end = self.offset + keys.shape[2]
+        self.reserve(end, keys, values)
         self.keys[:, :, self.offset : end] = keys
         self.values[:, :, self.offset : end] = values
         self.offset = end
         return self.keys[:, :, :end], self.values[:, :, :end]
+
+    def reserve(self, end: int, keys: mx.array | None = None, values: mx.array | None = None) -> None:
+        """Make room for positions up to `end`, growing in steps of 256 (copying what
+        is held) so that most tokens write in place."""
+        if self.keys is not None and end <= self.keys.shape[2]:
+            return
+        keys = self.keys if keys is None else keys
+        values = self.values if values is None else values
+        capacity = ((end + _GROW - 1) // _GROW) * _GROW
+        b, kvh, _, kd = keys.shape
+        new_k = mx.zeros((b, kvh, capacity, kd), keys.dtype)
+        new_v = mx.zeros((b, kvh, capacity, values.shape[3]), values.dtype)
+        if self.keys is not None and self.offset:
+            new_k[:, :, : self.offset] = self.keys[:, :, : self.offset]
+            new_v[:, :, : self.offset] = self.values[:, :, : self.offset]
+        self.keys, self.values = new_k, new_v
 
     def trim(self, n: int) -> int:
         """Forget the last n positions; returns how many were dropped."""

@@ -21,6 +21,26 @@ import mlx.nn as nn
 from . import ssm
 from .cache import Cache, KVCache, MambaCache
 from .config import ModelArgs
+from .decode import CompiledDecoder
+
+
+class Linear(nn.Linear):
+    """nn.Linear that can multiply by a transposed view of its weight evaluated
+    ahead of time (`prepare_transposed`): the same bytes, no copy, but no
+    Transpose primitive in every decode step's graph."""
+
+    def prepare_transposed(self) -> None:
+        wt = self.weight.T
+        mx.eval(wt)
+        object.__setattr__(self, "_wt", (self.weight, wt))
+
+    def __call__(self, x: mx.array) -> mx.array:
+        cached = self.__dict__.get("_wt")
+        if cached is None or cached[0] is not self.weight:  # weights replaced since
+            return super().__call__(x)
+        if "bias" in self:
+            return mx.addmm(self.bias, x, cached[1])
+        return x @ cached[1]
 
 
 class RMSNormGated(nn.Module):
@@ -69,7 +89,7 @@ class Mamba2Mixer(nn.Module):
         self.conv_dim = args.mamba_conv_dim
         self.chunk_size = args.mamba_chunk_size
         self.time_step_limit = tuple(args.time_step_limit)
-        self.in_proj = nn.Linear(
+        self.in_proj = Linear(
             args.hidden_size, self.d_inner + self.conv_dim + self.n_heads, bias=args.mamba_proj_bias
         )
         self.conv1d = DepthwiseConv(self.conv_dim, self.d_conv, args.mamba_conv_bias)
@@ -78,59 +98,68 @@ class Mamba2Mixer(nn.Module):
         self.A_log = mx.zeros((self.n_heads,))
         self.D = mx.ones((self.n_heads,))
         self.norm = RMSNormGated(self.d_inner, self.n_groups, args.rms_norm_eps)
-        self.out_proj = nn.Linear(self.d_inner, args.hidden_size, bias=args.mamba_proj_bias)
+        self.out_proj = Linear(self.d_inner, args.hidden_size, bias=args.mamba_proj_bias)
 
     def __call__(
         self, x: mx.array, cache: MambaCache | None = None, pad_mask: mx.array | None = None
     ) -> mx.array:
+        """Prefill (or any l > 1): the chunked scan. x: (b, l, hidden)."""
         b, l, _ = x.shape
+        if l == 1 and pad_mask is None:
+            return self.step(x[:, 0], cache)[:, None]
         z, xBC, dt = mx.split(self.in_proj(x), [self.d_inner, self.d_inner + self.conv_dim], axis=-1)
         A = -mx.exp(self.A_log.astype(mx.float32))
         conv_state = cache.conv_state if cache is not None else None
         state = cache.ssm_state if cache is not None else None
-
-        if l == 1 and pad_mask is None:
-            # Decode: the exact one-step recurrence (fused into one kernel on a GPU).
-            if conv_state is None:
-                conv_state = mx.zeros((b, self.d_conv - 1, self.conv_dim), xBC.dtype)
-            if state is None:
-                state = mx.zeros((b, self.n_heads, self.head_dim, self.d_state), mx.float32)
-            y, conv_state, state = ssm.decode_step(
-                xBC[:, 0], conv_state, self.conv1d.weight, getattr(self.conv1d, "bias", None),
-                dt[:, 0], self.dt_bias, A, self.D, state, self.time_step_limit, self.n_groups,
-            )  # fmt: skip
-            y = y[:, None]  # (b,1,h,p)
-        else:
-            if pad_mask is not None:
-                # Padding must not reach the conv window or the state (left-padded batches).
-                xBC = xBC * pad_mask[..., None].astype(xBC.dtype)
-            if conv_state is None:
-                conv_state = mx.zeros((b, self.d_conv - 1, self.conv_dim), xBC.dtype)
-            window = mx.concatenate([conv_state.astype(xBC.dtype), xBC], axis=1)  # (b,l+k-1,ch)
-            conv_state = window[:, -(self.d_conv - 1) :]
-            xBC = nn.silu(
-                ssm.depthwise_causal_conv(window, self.conv1d.weight, getattr(self.conv1d, "bias", None))
-            )  # (b,l,ch) float32
-            dt = ssm.discretize_dt(dt, self.dt_bias, self.time_step_limit)  # (b,l,h)
-            if pad_mask is not None:
-                xBC = xBC * pad_mask[..., None]
-                dt = dt * pad_mask[..., None]  # dt = 0 leaves the state untouched
-            xs, B, C = mx.split(xBC, [self.d_inner, self.d_inner + self.n_groups * self.d_state], axis=-1)
-            y, state = ssm.selective_scan(
-                xs.reshape(b, l, self.n_heads, self.head_dim),
-                dt,
-                A,
-                B.reshape(b, l, self.n_groups, self.d_state),
-                C.reshape(b, l, self.n_groups, self.d_state),
-                self.D,
-                self.chunk_size,
-                state,
-            )
+        if pad_mask is not None:
+            # Padding must not reach the conv window or the state (left-padded batches).
+            xBC = xBC * pad_mask[..., None].astype(xBC.dtype)
+        if conv_state is None:
+            conv_state = mx.zeros((b, self.d_conv - 1, self.conv_dim), xBC.dtype)
+        window = mx.concatenate([conv_state.astype(xBC.dtype), xBC], axis=1)  # (b,l+k-1,ch)
+        conv_state = window[:, -(self.d_conv - 1) :]
+        xBC = nn.silu(
+            ssm.depthwise_causal_conv(window, self.conv1d.weight, getattr(self.conv1d, "bias", None))
+        )  # (b,l,ch) float32
+        dt = ssm.discretize_dt(dt, self.dt_bias, self.time_step_limit)  # (b,l,h)
+        if pad_mask is not None:
+            xBC = xBC * pad_mask[..., None]
+            dt = dt * pad_mask[..., None]  # dt = 0 leaves the state untouched
+        xs, B, C = mx.split(xBC, [self.d_inner, self.d_inner + self.n_groups * self.d_state], axis=-1)
+        y, state = ssm.selective_scan(
+            xs.reshape(b, l, self.n_heads, self.head_dim),
+            dt,
+            A,
+            B.reshape(b, l, self.n_groups, self.d_state),
+            C.reshape(b, l, self.n_groups, self.d_state),
+            self.D,
+            self.chunk_size,
+            state,
+        )
         if cache is not None:
             cache.conv_state, cache.ssm_state = conv_state, state
             cache.offset += l
         y = self.norm(y.reshape(b, l, self.d_inner), z)
         return self.out_proj(y.astype(x.dtype))
+
+    def step(self, x: mx.array, cache: MambaCache | None = None) -> mx.array:
+        """Decode one token: the exact one-step recurrence. x: (b, hidden) -> (b, hidden)."""
+        b = x.shape[0]
+        z, xBC, dt = mx.split(self.in_proj(x), [self.d_inner, self.d_inner + self.conv_dim], axis=-1)
+        conv_state = cache.conv_state if cache is not None else None
+        state = cache.ssm_state if cache is not None else None
+        if conv_state is None:
+            conv_state = mx.zeros((b, self.d_conv - 1, self.conv_dim), xBC.dtype)
+        if state is None:
+            state = mx.zeros((b, self.n_heads, self.head_dim, self.d_state), mx.float32)
+        y, conv_state, state = ssm.decode_step(
+            xBC, conv_state, self.conv1d.weight, getattr(self.conv1d, "bias", None), dt,
+            self.dt_bias, -mx.exp(self.A_log), self.D, state, self.time_step_limit, self.n_groups,
+        )  # fmt: skip
+        if cache is not None:
+            cache.conv_state, cache.ssm_state = conv_state, state
+            cache.offset += 1
+        return self.out_proj(self.norm(y.reshape(b, self.d_inner), z).astype(x.dtype))
 
 
 class Attention(nn.Module):
@@ -143,10 +172,10 @@ class Attention(nn.Module):
         self.head_dim = args.head_dim
         self.scale = args.softmax_scale
         bias = args.attention_bias
-        self.q_proj = nn.Linear(args.hidden_size, self.n_heads * self.head_dim, bias=bias)
-        self.k_proj = nn.Linear(args.hidden_size, self.n_kv_heads * self.head_dim, bias=bias)
-        self.v_proj = nn.Linear(args.hidden_size, self.n_kv_heads * self.head_dim, bias=bias)
-        self.o_proj = nn.Linear(self.n_heads * self.head_dim, args.hidden_size, bias=bias)
+        self.q_proj = Linear(args.hidden_size, self.n_heads * self.head_dim, bias=bias)
+        self.k_proj = Linear(args.hidden_size, self.n_kv_heads * self.head_dim, bias=bias)
+        self.v_proj = Linear(args.hidden_size, self.n_kv_heads * self.head_dim, bias=bias)
+        self.o_proj = Linear(self.n_heads * self.head_dim, args.hidden_size, bias=bias)
         self.rope = None
         if args.position_embedding_type == "rope":
             factor = float((args.rope_scaling or {}).get("factor", 1.0))
@@ -166,14 +195,28 @@ class Attention(nn.Module):
         o = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale, mask=mask)
         return self.o_proj(o.transpose(0, 2, 1, 3).reshape(b, l, -1))
 
+    def step(self, x: mx.array, cache: KVCache, mask=None) -> mx.array:
+        """Decode one token. x: (b, hidden) -> (b, hidden); with one position the
+        head split is a plain reshape, no transpose."""
+        b = x.shape[0]
+        q = self.q_proj(x).reshape(b, self.n_heads, 1, self.head_dim)
+        k = self.k_proj(x).reshape(b, self.n_kv_heads, 1, self.head_dim)
+        v = self.v_proj(x).reshape(b, self.n_kv_heads, 1, self.head_dim)
+        if self.rope is not None:
+            q = self.rope(q, offset=cache.offset)
+            k = self.rope(k, offset=cache.offset)
+        k, v = cache.update_and_fetch(k, v)
+        o = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale, mask=mask)
+        return self.o_proj(o.reshape(b, -1))
+
 
 class MLP(nn.Module):
     """input_linear gives 2I outputs: silu(first half) * second half -> output_linear."""
 
     def __init__(self, hidden: int, intermediate: int):
         super().__init__()
-        self.input_linear = nn.Linear(hidden, 2 * intermediate, bias=False)
-        self.output_linear = nn.Linear(intermediate, hidden, bias=False)
+        self.input_linear = Linear(hidden, 2 * intermediate, bias=False)
+        self.output_linear = Linear(intermediate, hidden, bias=False)
 
     def __call__(self, x: mx.array) -> mx.array:
         gate, up = mx.split(self.input_linear(x), 2, axis=-1)
@@ -232,7 +275,7 @@ class QuantizedExpertsLinear(nn.Module):
 class Router(nn.Module):
     def __init__(self, hidden: int, experts: int):
         super().__init__()
-        self.layer = nn.Linear(hidden, experts, bias=False)
+        self.layer = Linear(hidden, experts, bias=False)
 
 
 class MoE(nn.Module):
@@ -296,7 +339,18 @@ class DecoderLayer(nn.Module):
             h = self.mamba(n, cache, pad_mask)
         else:
             h = self.self_attn(n, cache, mask)
-        x = x + self.residual_multiplier * h
+        return self._mlp(x + self.residual_multiplier * h)
+
+    def step(self, x: mx.array, cache, mask=None) -> mx.array:
+        """Decode one token, x: (b, hidden) (see the mixers' `step`)."""
+        n = self.input_layernorm(x)
+        if self.kind == "mamba":
+            h = self.mamba.step(n, cache)
+        else:
+            h = self.self_attn.step(n, cache, mask)
+        return self._mlp(x + self.residual_multiplier * h)
+
+    def _mlp(self, x: mx.array) -> mx.array:
         n = self.post_attention_layernorm(x)
         h = self.shared_mlp(n)
         if "block_sparse_moe" in self:
@@ -321,7 +375,11 @@ class Model(nn.Module):
         self.model_type = args.model_type
         self.model = GraniteModel(args)
         if not args.tie_word_embeddings:
-            self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
+            self.lm_head = Linear(args.hidden_size, args.vocab_size, bias=False)
+        # Decode one token through one compiled graph (granite_mlx.decode); False
+        # runs the plain modules, the reference it is tested against.
+        self.compiled_decode = True
+        self._decoder = None
 
     @property
     def layers(self) -> list[DecoderLayer]:
@@ -336,6 +394,10 @@ class Model(nn.Module):
         ]
 
     def __call__(self, tokens: mx.array, cache: Cache | None = None) -> mx.array:
+        if tokens.shape[1] == 1 and self.compiled_decode and CompiledDecoder.usable(cache):
+            if self._decoder is None:
+                self._decoder = CompiledDecoder(self)
+            return self._decoder(tokens, cache)
         return self.logits(self.hidden_states(tokens, cache))
 
     def hidden_states(self, tokens: mx.array, cache: Cache | None = None) -> mx.array:

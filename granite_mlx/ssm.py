@@ -217,24 +217,53 @@ def decode_step_reference(
     xBC: (b, ch) new pre-conv input   conv_state: (b, k-1, ch)   conv_weight: (ch, k)
     dt: (b, h) raw   state: (b, h, p, n) float32
     Returns y (b, h, p) float32, the new conv state (b, k-1, ch), the new state.
+    Written as broadcasts over a (b, g, h/g, p, n) view, with no repeat of B and C:
+    every op here is a dispatch on a GPU.
     """
     b, ch = xBC.shape
     h, p, n = state.shape[1:]
-    window = mx.concatenate([conv_state.astype(xBC.dtype), xBC[:, None]], axis=1)  # (b,k,ch)
-    xBC = silu_f32(depthwise_causal_conv(window, conv_weight, conv_bias)[:, 0])  # (b,ch)
-    x, B, C = mx.split(xBC, [h * p, h * p + n_groups * n], axis=-1)
-    dt = discretize_dt(dt, dt_bias, time_step_limit)
-    y, state = ssm_update(
-        state, x.reshape(b, h, p), dt, A, B.reshape(b, n_groups, n), C.reshape(b, n_groups, n), D
-    )
-    return y, window[:, 1:], state
+    g = n_groups
+    window = mx.concatenate([conv_state, xBC[:, None].astype(conv_state.dtype)], axis=1)  # (b,k,ch)
+    # keepdims: (b, 1, ch) reshapes as well as (b, ch) and spares a Squeeze per layer
+    conv = (window.astype(mx.float32) * conv_weight.T.astype(mx.float32)).sum(axis=1, keepdims=True)
+    if conv_bias is not None:
+        conv = conv + conv_bias.astype(mx.float32)
+    conv = silu_f32(conv)
+    x, B, C = mx.split(conv, [h * p, h * p + g * n], axis=-1)
+    dt = discretize_dt(dt, dt_bias, time_step_limit).reshape(b, g, h // g, 1, 1)
+    x = x.reshape(b, g, h // g, p, 1)
+    s = state.reshape(b, g, h // g, p, n)
+    s = s * mx.exp(dt * A.reshape(g, h // g, 1, 1)) + (dt * x) * B.reshape(b, g, 1, 1, n)
+    y = (s * C.reshape(b, g, 1, 1, n)).sum(axis=-1, keepdims=True) + D.astype(mx.float32).reshape(
+        g, h // g, 1, 1
+    ) * x  # (b,g,h/g,p,1)
+    return y.reshape(b, h, p), window[:, 1:], s.reshape(b, h, p, n)
 
 
 def silu_f32(x: mx.array) -> mx.array:
     return x * mx.sigmoid(x)
 
 
-def decode_step(*args, **kwargs) -> tuple[mx.array, mx.array, mx.array]:
-    """The decode dispatch point (arguments as `decode_step_reference`): a fused
-    kernel on an Apple or NVIDIA GPU, plain MLX ops otherwise."""
-    return decode_step_reference(*args, **kwargs)
+def decode_step(
+    xBC: mx.array,
+    conv_state: mx.array,
+    conv_weight: mx.array,
+    conv_bias: mx.array | None,
+    dt: mx.array,
+    dt_bias: mx.array,
+    A: mx.array,
+    D: mx.array,
+    state: mx.array,
+    time_step_limit: tuple[float, float],
+    n_groups: int,
+) -> tuple[mx.array, mx.array, mx.array]:
+    """The decode dispatch point (arguments as `decode_step_reference`): the fused
+    kernel on an Apple (Metal) or NVIDIA (CUDA) GPU, plain MLX ops otherwise or
+    when GRANITE_MLX_REFERENCE=1 (see granite_mlx.kernels)."""
+    from .kernels import fused_ssm_step
+
+    args = (xBC, conv_state, conv_weight, conv_bias, dt, dt_bias, A, D, state)
+    out = fused_ssm_step(*args, *time_step_limit, n_groups)
+    if out is None:
+        out = decode_step_reference(*args, time_step_limit, n_groups)
+    return out

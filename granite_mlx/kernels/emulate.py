@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import atexit
 import hashlib
+import math
 import os
 import shutil
 import subprocess
@@ -66,7 +67,7 @@ def _build(cxx_source: str) -> Path:
     exe = _build_dir / digest
     src.write_text(cxx_source)
     cmd = [compiler, "-std=c++20", "-O1", "-Wall", "-o", str(exe), str(src)]
-    done = subprocess.run(cmd, capture_output=True, text=True)
+    done = subprocess.run(cmd, check=False, capture_output=True, text=True)
     if done.returncode != 0:
         raise RuntimeError(f"emulated kernel failed to compile:\n{done.stderr}")
     _binaries[digest] = exe
@@ -111,9 +112,9 @@ class EmulatedKernel:
 
     def cxx_source(self, inputs, template, output_dtypes) -> str:
         """The whole program: prelude, kernel function, main()."""
-        params = [
-            f"const {_TYPES[a.dtype][0]}* {n}" for n, a in zip(self.input_names, inputs)
-        ] + [f"{_TYPES[d][0]}* {n}" for n, d in zip(self.output_names, output_dtypes)]
+        params = [f"const {_TYPES[a.dtype][0]}* {n}" for n, a in zip(self.input_names, inputs)] + [
+            f"{_TYPES[d][0]}* {n}" for n, d in zip(self.output_names, output_dtypes)
+        ]
         consts = []
         for tname, value in template:
             if isinstance(value, bool):
@@ -123,35 +124,40 @@ class EmulatedKernel:
             else:
                 consts.append(f"  using {tname} = {_TYPES[value][0]};")
         n_in, n_out = len(inputs), len(output_dtypes)
-        ins = [f"std::vector<unsigned char> in{i} = gk_emu::read_file(dir + \"/in{i}.bin\");"
-               for i in range(n_in)]
-        outs = [f"std::vector<unsigned char> out{i}(std::strtoull(argv[{8 + i}], nullptr, 10), "
-                "0xff);" for i in range(n_out)]  # NaN until written
-        call_args = [f"reinterpret_cast<const {_TYPES[a.dtype][0]}*>(in{i}.data())"
-                     for i, a in enumerate(inputs)]
-        call_args += [f"reinterpret_cast<{_TYPES[d][0]}*>(out{i}.data())"
-                      for i, d in enumerate(output_dtypes)]
-        writes = [f"gk_emu::write_file(dir + \"/out{i}.bin\", out{i});" for i in range(n_out)]
-        return "\n".join([
-            self.header,
-            f"void {self.name}(",
-            "    " + ",\n    ".join(params) + ") {",
-            *consts,
-            self.source,
-            "}",
-            "",
-            "int main(int argc, char** argv) {",
-            f"  if (argc != {8 + n_out}) gk_emu::fail(\"bad arguments\");",
-            "  const std::string dir = argv[1];",
-            "  const int grid[3] = {std::atoi(argv[2]), std::atoi(argv[3]), std::atoi(argv[4])};",
-            "  const int tg[3] = {std::atoi(argv[5]), std::atoi(argv[6]), std::atoi(argv[7])};",
-            *("  " + s for s in ins + outs),
-            f"  gk_emu::launch(grid, tg, [&] {{ {self.name}({', '.join(call_args)}); }});",
-            *("  " + s for s in writes),
-            "  return 0;",
-            "}",
-            "",
-        ])
+        # Outputs start from files too, NaN or init_value, as __call__ writes them.
+        buffers = [f'auto in{i} = gk_emu::read_buffer(argv[1], "in", {i});' for i in range(n_in)]
+        buffers += [
+            f'auto out{i} = gk_emu::read_buffer(argv[1], "out", {i});' for i in range(n_out)
+        ]
+        call_args = [
+            f"reinterpret_cast<const {_TYPES[a.dtype][0]}*>(in{i}.data)"
+            for i, a in enumerate(inputs)
+        ]
+        call_args += [
+            f"reinterpret_cast<{_TYPES[d][0]}*>(out{i}.data)" for i, d in enumerate(output_dtypes)
+        ]
+        writes = [f"gk_emu::write_buffer(argv[1], {i}, out{i});" for i in range(n_out)]
+        return "\n".join(
+            [
+                self.header,
+                f"void {self.name}(",
+                "    " + ",\n    ".join(params) + ") {",
+                *consts,
+                self.source,
+                "}",
+                "",
+                "int main(int argc, char** argv) {",
+                '  if (argc != 8) gk_emu::fail("bad arguments");',
+                "  const int grid[3] = {std::atoi(argv[2]), std::atoi(argv[3]), std::atoi(argv[4])};",
+                "  const int tg[3] = {std::atoi(argv[5]), std::atoi(argv[6]), std::atoi(argv[7])};",
+                *("  " + s for s in buffers),
+                f"  gk_emu::launch(grid, tg, [&] {{ {self.name}({', '.join(call_args)}); }});",
+                *("  " + s for s in writes),
+                "  return 0;",
+                "}",
+                "",
+            ]
+        )
 
     def __call__(
         self,
@@ -166,32 +172,30 @@ class EmulatedKernel:
         verbose=False,
         stream=None,
     ) -> list[mx.array]:
-        if init_value is not None:
-            raise NotImplementedError("EmulatedKernel does not support init_value")
         if len(inputs) != len(self.input_names):
             raise ValueError(f"expected {len(self.input_names)} inputs, got {len(inputs)}")
         source = self.cxx_source(inputs, template, output_dtypes)
         if verbose:
             print(source)
         exe = _build(source)
-        np_types = [_TYPES[d][1] for d in output_dtypes]
-        sizes = [int(np.prod(s, dtype=np.int64)) for s in output_shapes]
         with tempfile.TemporaryDirectory(prefix="gk-run-") as run_dir:
             for i, a in enumerate(inputs):
                 _to_numpy(a).tofile(os.path.join(run_dir, f"in{i}.bin"))
+            for i, (shape, dtype) in enumerate(zip(output_shapes, output_dtypes)):
+                start = mx.full(shape, math.nan if init_value is None else init_value, dtype)
+                _to_numpy(start).tofile(os.path.join(run_dir, f"out{i}.bin"))
             args = [str(exe), run_dir, *map(str, grid), *map(str, threadgroup)]
-            args += [str(n * np.dtype(t).itemsize) for n, t in zip(sizes, np_types)]
             try:
-                done = subprocess.run(args, capture_output=True, text=True, timeout=self.timeout)
+                done = subprocess.run(
+                    args, check=False, capture_output=True, text=True, timeout=self.timeout
+                )
             except subprocess.TimeoutExpired as e:
-                raise RuntimeError(
-                    f"emulated kernel {self.name} hung (a barrier some threads never reach?)"
-                ) from e
+                raise RuntimeError(f"emulated kernel {self.name} timed out") from e
             if done.returncode != 0:
                 raise RuntimeError(f"emulated kernel {self.name} failed: {done.stderr.strip()}")
             outs = []
-            for i, (shape, dtype, t) in enumerate(zip(output_shapes, output_dtypes, np_types)):
-                data = np.fromfile(os.path.join(run_dir, f"out{i}.bin"), dtype=t).reshape(shape)
-                out = mx.array(data)
+            for i, (shape, dtype) in enumerate(zip(output_shapes, output_dtypes)):
+                data = np.fromfile(os.path.join(run_dir, f"out{i}.bin"), dtype=_TYPES[dtype][1])
+                out = mx.array(data.reshape(shape))
                 outs.append(out.view(mx.bfloat16) if dtype == mx.bfloat16 else out)
         return outs

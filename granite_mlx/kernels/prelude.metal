@@ -6,8 +6,8 @@
 
 #define GK_SIMD 32
 #define GK_SHARED(type, name, count) threadgroup type name[count]
-#define GK_BARRIER() threadgroup_barrier(mem_flags::mem_threadgroup)
-#define GK_SIMD_SUM(v) simd_sum(v)
+#define GK_BARRIER() metal::threadgroup_barrier(metal::mem_flags::mem_threadgroup)
+#define GK_SIMD_SUM(v) metal::simd_sum(v)
 
 inline float gk_f(float v) { return v; }
 inline float gk_f(half v) { return static_cast<float>(v); }

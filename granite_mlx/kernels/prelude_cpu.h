@@ -15,6 +15,10 @@
 // barrier in between sees NaN in one of the two; threadgroup memory is capped
 // at Metal's 32 KiB.
 
+// macOS only exposes the (deprecated, working) ucontext calls under X/Open.
+#if defined(__APPLE__) && !defined(_XOPEN_SOURCE)
+#define _XOPEN_SOURCE 600
+#endif
 #include <ucontext.h>
 
 #include <cmath>
@@ -23,13 +27,9 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
-#include <fstream>
-#include <functional>
-#include <iterator>
-#include <memory>
-#include <string>
-#include <vector>
 
+// C headers only: this is compiled once per kernel variant in the tests, and
+// the C++ library headers would triple the compile time.
 namespace gk_emu {
 
 constexpr int kSimd = 32;
@@ -54,15 +54,17 @@ struct Thread {
   std::size_t shared_used = 0;
   Wait wait = Wait::none;
   ucontext_t context;
-  std::unique_ptr<char[]> stack;
+  char* stack = nullptr;
 };
 
 struct Scheduler {
   ucontext_t main;
-  std::vector<Thread> threads;
-  std::vector<float> slots;  // one per thread, for simd reductions
+  Thread* threads = nullptr;
+  int n_threads = 0;
+  float* slots = nullptr;  // one per thread, for simd reductions
   int current = 0;
-  std::function<void()> body;
+  void (*call)(void*) = nullptr;  // the kernel launch, type-erased
+  void* arg = nullptr;
   alignas(16) unsigned char shared[kSharedBytes];
 };
 
@@ -105,33 +107,34 @@ inline float simd_sum(float v) {
 }
 
 inline void fiber_main() {
-  sched->body();
+  sched->call(sched->arg);
   ctx().wait = Wait::done;
 }  // returns to uc_link, the scheduler
 
 // Run every thread until it blocks or ends, then release whatever barrier all
 // its participants have reached; fail if none can be released.
 inline void run_group(bool reverse) {
-  const int n = int(sched->threads.size());
+  const int n = sched->n_threads;
+  Thread* threads = sched->threads;
   for (;;) {
     for (int k = 0; k < n; ++k) {
       const int i = reverse ? n - 1 - k : k;
-      while (sched->threads[i].wait == Wait::none) {
+      while (threads[i].wait == Wait::none) {
         sched->current = i;
-        swapcontext(&sched->main, &sched->threads[i].context);
+        swapcontext(&sched->main, &threads[i].context);
       }
     }
     int done = 0, at_group = 0;
-    for (const Thread& t : sched->threads) {
-      done += t.wait == Wait::done;
-      at_group += t.wait == Wait::group;
+    for (int i = 0; i < n; ++i) {
+      done += threads[i].wait == Wait::done;
+      at_group += threads[i].wait == Wait::group;
     }
     if (done == n) {
       return;
     }
     if (at_group == n) {
-      for (Thread& t : sched->threads) {
-        t.wait = Wait::none;
+      for (int i = 0; i < n; ++i) {
+        threads[i].wait = Wait::none;
       }
       continue;
     }
@@ -139,11 +142,11 @@ inline void run_group(bool reverse) {
     for (int first = 0; first < n; first += kSimd) {
       int at_simd = 0;
       for (int i = first; i < first + kSimd; ++i) {
-        at_simd += sched->threads[i].wait == Wait::simd;
+        at_simd += threads[i].wait == Wait::simd;
       }
       if (at_simd == kSimd) {
         for (int i = first; i < first + kSimd; ++i) {
-          sched->threads[i].wait = Wait::none;
+          threads[i].wait = Wait::none;
         }
         released = true;
       }
@@ -169,29 +172,31 @@ void launch(const int grid[3], const int threadgroup[3], Body body) {
   if (grid[0] % tx != 0) {
     fail("grid.x must be a multiple of the threadgroup size");
   }
-  auto owner = std::make_unique<Scheduler>();
-  sched = owner.get();
-  sched->threads.resize(tx);
-  sched->slots.resize(tx);
-  sched->body = body;
-  for (Thread& t : sched->threads) {
-    t.stack = std::make_unique<char[]>(kStackBytes);
+  Scheduler* s = new Scheduler;
+  s->threads = new Thread[tx];
+  s->n_threads = tx;
+  s->slots = new float[tx];
+  s->call = [](void* b) { (*static_cast<Body*>(b))(); };
+  s->arg = &body;
+  for (int tid = 0; tid < tx; ++tid) {
+    s->threads[tid].stack = new char[kStackBytes];
   }
+  sched = s;
   int index = 0;
   for (int z = 0; z < grid[2]; ++z) {
     for (int y = 0; y < grid[1]; ++y) {
       for (int x = 0; x < grid[0] / tx; ++x, ++index) {
-        std::memset(sched->shared, 0xff, kSharedBytes);  // NaN
+        std::memset(s->shared, 0xff, kSharedBytes);  // NaN
         for (int tid = 0; tid < tx; ++tid) {
-          Thread& t = sched->threads[tid];
+          Thread& t = s->threads[tid];
           t.tid = tid;
           t.gx = x, t.gy = y, t.gz = z;
           t.shared_used = 0;
           t.wait = Wait::none;
           getcontext(&t.context);
-          t.context.uc_stack.ss_sp = t.stack.get();
+          t.context.uc_stack.ss_sp = t.stack;
           t.context.uc_stack.ss_size = kStackBytes;
-          t.context.uc_link = &sched->main;
+          t.context.uc_link = &s->main;
           makecontext(&t.context, fiber_main, 0);
         }
         run_group(index % 2 == 1);
@@ -199,20 +204,44 @@ void launch(const int grid[3], const int threadgroup[3], Body body) {
     }
   }
   sched = nullptr;
-}
-
-inline std::vector<unsigned char> read_file(const std::string& path) {
-  std::ifstream f(path, std::ios::binary);
-  if (!f) {
-    fail("cannot read an input file");
+  for (int tid = 0; tid < tx; ++tid) {
+    delete[] s->threads[tid].stack;
   }
-  return {std::istreambuf_iterator<char>(f), std::istreambuf_iterator<char>()};
+  delete[] s->threads;
+  delete[] s->slots;
+  delete s;
 }
 
-inline void write_file(const std::string& path, const std::vector<unsigned char>& data) {
-  std::ofstream f(path, std::ios::binary);
-  f.write(reinterpret_cast<const char*>(data.data()), std::streamsize(data.size()));
+// main()'s buffers: <dir>/<kind><i>.bin read whole; outputs written back to
+// <dir>/out<i>.bin.
+struct Buffer {
+  unsigned char* data;
+  std::size_t bytes;
+};
+
+inline Buffer read_buffer(const char* dir, const char* kind, int i) {
+  char path[4096];
+  std::snprintf(path, sizeof(path), "%s/%s%d.bin", dir, kind, i);
+  std::FILE* f = std::fopen(path, "rb");
   if (!f) {
+    fail("cannot open a buffer file");
+  }
+  std::fseek(f, 0, SEEK_END);
+  const long size = std::ftell(f);
+  std::fseek(f, 0, SEEK_SET);
+  Buffer b{static_cast<unsigned char*>(std::malloc(size > 0 ? size : 1)), std::size_t(size)};
+  if (std::fread(b.data, 1, b.bytes, f) != b.bytes) {
+    fail("short read on a buffer file");
+  }
+  std::fclose(f);
+  return b;
+}
+
+inline void write_buffer(const char* dir, int i, const Buffer& b) {
+  char path[4096];
+  std::snprintf(path, sizeof(path), "%s/out%d.bin", dir, i);
+  std::FILE* f = std::fopen(path, "wb");
+  if (!f || std::fwrite(b.data, 1, b.bytes, f) != b.bytes || std::fclose(f) != 0) {
     fail("cannot write an output file");
   }
 }

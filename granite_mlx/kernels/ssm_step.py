@@ -43,7 +43,16 @@ logger = logging.getLogger(__name__)
 
 BODY_FILE = "ssm_step_body.h"
 INPUT_NAMES = (
-    "xBC", "conv_state", "conv_w", "conv_b", "dt", "dt_bias", "A", "D", "state", "dt_limits",
+    "xBC",
+    "conv_state",
+    "conv_w",
+    "conv_b",
+    "dt",
+    "dt_bias",
+    "A",
+    "D",
+    "state",
+    "dt_limits",
 )
 OUTPUT_NAMES = ("y", "new_conv_state", "new_state")
 
@@ -80,12 +89,15 @@ class SSMDims:
 def _prepare(xBC, conv_state, conv_w, conv_b, dt, dt_bias, A, D, state, n_groups):
     """Check shapes and settle dtypes, identically for both paths.
 
-    Activations (xBC, dt) take conv_state's dtype, weights (conv_b, dt_bias, D)
+    Activations (conv_state, dt) take xBC's dtype, weights (conv_b, dt_bias, D)
     take conv_w's, A and state become float32. conv_w may come as (conv_dim, K),
-    (conv_dim, 1, K) (Hub) or (conv_dim, K, 1) (mlx-community).
+    (conv_dim, 1, K) (Hub) or (conv_dim, K, 1) (mlx-community); conv_b may be
+    None (no conv bias).
     """
     batch, n_heads, head_dim, d_state = state.shape
     dims = SSMDims(batch, n_heads, head_dim, d_state, n_groups, conv_state.shape[1] + 1)
+    if conv_b is None:
+        conv_b = mx.zeros((dims.conv_dim,), conv_w.dtype)
     expected = {
         "xBC": (xBC, (batch, dims.conv_dim)),
         "conv_state": (conv_state, (batch, dims.d_conv - 1, dims.conv_dim)),
@@ -99,17 +111,19 @@ def _prepare(xBC, conv_state, conv_w, conv_b, dt, dt_bias, A, D, state, n_groups
         if tuple(arr.shape) != shape:
             raise ValueError(f"ssm step: {name} has shape {tuple(arr.shape)}, expected {shape}")
     if conv_w.size != dims.conv_dim * dims.d_conv:
-        raise ValueError(f"ssm step: conv_w has shape {tuple(conv_w.shape)}, "
-                         f"expected ({dims.conv_dim}, {dims.d_conv})")
+        raise ValueError(
+            f"ssm step: conv_w has shape {tuple(conv_w.shape)}, "
+            f"expected ({dims.conv_dim}, {dims.d_conv})"
+        )
     if n_groups < 1 or n_heads % n_groups:
         raise ValueError(f"ssm step: n_heads {n_heads} is not a multiple of n_groups {n_groups}")
     if dims.d_conv < 2:
         raise ValueError("ssm step: conv_state must keep at least one past input")
 
-    act, wt = conv_state.dtype, conv_w.dtype
+    act, wt = xBC.dtype, conv_w.dtype
     args = (
-        xBC.astype(act),
-        conv_state,
+        xBC,
+        conv_state.astype(act),
         conv_w.reshape(dims.conv_dim, dims.d_conv),
         conv_b.astype(wt),
         dt.astype(act),
@@ -125,7 +139,7 @@ def ssm_step_reference(
     xBC: mx.array,
     conv_state: mx.array,
     conv_w: mx.array,
-    conv_b: mx.array,
+    conv_b: mx.array | None,
     dt: mx.array,
     dt_bias: mx.array,
     A: mx.array,
@@ -141,7 +155,7 @@ def ssm_step_reference(
         xBC: (b, conv_dim) new pre-conv input.
         conv_state: (b, K-1, conv_dim) previous K-1 pre-conv inputs, oldest first.
         conv_w: (conv_dim, K), or (conv_dim, 1, K) / (conv_dim, K, 1).
-        conv_b: (conv_dim,)
+        conv_b: (conv_dim,) or None.
         dt: (b, H) raw, before dt_bias and softplus.
         dt_bias: (H,)
         A: (H,) = -exp(A_log).
@@ -151,39 +165,13 @@ def ssm_step_reference(
         n_groups: G.
 
     Returns:
-        y (b, H, P) float32, new_conv_state (b, K-1, conv_dim) in conv_state's
-        dtype, new_state (b, H, P, N) float32.
+        y (b, H, P) float32, new_conv_state (b, K-1, conv_dim) in xBC's dtype,
+        new_state (b, H, P, N) float32.
     """
-    (xBC, conv_state, conv_w, conv_b, dt, dt_bias, A, D, state), d = _prepare(
-        xBC, conv_state, conv_w, conv_b, dt, dt_bias, A, D, state, n_groups
-    )
-    f32 = mx.float32
-    d_inner, gn = d.n_heads * d.head_dim, d.n_groups * d.d_state
-    heads_per_group = d.n_heads // d.n_groups
+    from ..ssm import decode_step_reference  # one oracle for the kernel and the model
 
-    # 1-2. conv over the window, then SiLU
-    window = mx.concatenate([conv_state, xBC[:, None]], axis=1)  # (b, K, conv_dim)
-    c = (window.astype(f32) * conv_w.T.astype(f32)).sum(axis=1) + conv_b.astype(f32)
-    c = c * mx.sigmoid(c)
-    x = c[:, :d_inner].reshape(d.batch, d.n_heads, d.head_dim)
-    B = c[:, d_inner : d_inner + gn].reshape(d.batch, d.n_groups, d.d_state)
-    C = c[:, d_inner + gn :].reshape(d.batch, d.n_groups, d.d_state)
-    B = mx.repeat(B, heads_per_group, axis=1)  # (b, H, N)
-    C = mx.repeat(C, heads_per_group, axis=1)  # (b, H, N)
-
-    # 3. dt
-    v = dt.astype(f32) + dt_bias.astype(f32)
-    dt = mx.where(v > 20.0, v, mx.log1p(mx.exp(v)))
-    dt = mx.minimum(mx.maximum(dt, dt_min), dt_max)  # (b, H)
-
-    # 4. state update
-    dA = mx.exp(dt * A)[:, :, None, None]
-    new_state = dA * state + (dt[:, :, None] * x)[..., None] * B[:, :, None, :]
-
-    # 5. readout; a product and a sum rather than a matmul, which some backends
-    # would run in TF32
-    y = (new_state * C[:, :, None, :]).sum(axis=-1) + D.astype(f32)[:, None] * x
-    return y, window[:, 1:], new_state
+    args, _ = _prepare(xBC, conv_state, conv_w, conv_b, dt, dt_bias, A, D, state, n_groups)
+    return decode_step_reference(*args, (dt_min, dt_max), n_groups)
 
 
 def launch_plan(dims: SSMDims, act_dtype: mx.Dtype, weight_dtype: mx.Dtype):
@@ -192,6 +180,9 @@ def launch_plan(dims: SSMDims, act_dtype: mx.Dtype, weight_dtype: mx.Dtype):
     One threadgroup per (p-block, head, batch row); _N_SIMD simdgroups of 32
     threads, each taking up to _MAX_ROWS rows of head_dim.
     """
+    # T and WT go unused by the body (gk_f overloads read any dtype), but MLX
+    # names and caches a Metal kernel by its template arguments, not by its
+    # input dtypes, so they must be there.
     rows = min(_MAX_ROWS, -(-dims.head_dim // _N_SIMD))
     p_blocks = -(-dims.head_dim // (_N_SIMD * rows))
     threads = _N_SIMD * _SIMD_WIDTH
@@ -251,7 +242,7 @@ def _kernel(backend: str):
 
 
 def _launch(backend: str, args, dims: SSMDims, dt_min: float, dt_max: float) -> Arrays:
-    act, wt = args[1].dtype, args[2].dtype
+    act, wt = args[0].dtype, args[2].dtype
     template, grid, threadgroup = launch_plan(dims, act, wt)
     # Finite limits: an inf in a kernel compiled with fast math is not safe.
     limits = mx.array([max(dt_min, -_F32_MAX), min(dt_max, _F32_MAX)], dtype=mx.float32)
@@ -271,7 +262,7 @@ def _launch(backend: str, args, dims: SSMDims, dt_min: float, dt_max: float) -> 
 
 
 def _random_problem(dims: SSMDims, act: mx.Dtype, wt: mx.Dtype, seed: int = 0) -> tuple:
-    """Inputs for fused_ssm_step / ssm_step_reference, with dt_min 1e-3, dt_max inf."""
+    """Arguments for fused_ssm_step / ssm_step_reference (dt_min 1e-3, dt_max inf)."""
     keys = mx.random.split(mx.random.key(seed), 9)
     H, cd, K = dims.n_heads, dims.conv_dim, dims.d_conv
 
@@ -346,14 +337,16 @@ def kernel_self_check(
             return True
         try:
             problem = _mismatch(backend, dims, dtype, wt)
-        except Exception as e:  # a compile error surfaces here, at eval
+        except Exception as e:  # noqa: BLE001 - a compile error surfaces here, at eval
             problem = f"{type(e).__name__}: {e}"
         if problem is not None:
             _state.disabled = problem
+            shape = f"H={n_heads} P={head_dim} N={d_state} G={n_groups} K={d_conv}, {dtype}/{wt}"
             logger.warning(
-                "fused Mamba2 step kernel (%s) disabled, using the MLX reference instead: %s "
-                "(shape H=%d P=%d N=%d G=%d K=%d, %s/%s)",
-                backend, problem, n_heads, head_dim, d_state, n_groups, d_conv, dtype, wt,
+                "fused Mamba2 step kernel (%s) disabled, using the MLX reference instead: %s (%s)",
+                backend,
+                problem,
+                shape,
             )
             return False
         _state.checked.add(key)
@@ -364,7 +357,7 @@ def fused_ssm_step(
     xBC: mx.array,
     conv_state: mx.array,
     conv_w: mx.array,
-    conv_b: mx.array,
+    conv_b: mx.array | None,
     dt: mx.array,
     dt_bias: mx.array,
     A: mx.array,
@@ -386,7 +379,7 @@ def fused_ssm_step(
     if backend is None:
         return None
     args, dims = _prepare(xBC, conv_state, conv_w, conv_b, dt, dt_bias, A, D, state, n_groups)
-    act, wt = args[1].dtype, args[2].dtype
+    act, wt = args[0].dtype, args[2].dtype
     if act not in _FLOAT_DTYPES or wt not in _FLOAT_DTYPES:
         return None
     if not kernel_self_check(

@@ -1,0 +1,359 @@
+"""`granite-mlx bench`: granite-mlx against mlx-lm on the same weights, same run.
+
+    granite-mlx bench --shape h-350m --prompts 512,2048 --decode 64 --repeats 3 \
+        [--q-bits 4] [--json out.json] [--plot out.png]
+    granite-mlx bench --model /path/to/checkpoint ...
+
+For each prompt length it measures prefill tok/s, then decode tok/s and peak
+memory, alternating the two runtimes within each repeat (so drift in machine
+load hits both alike) and reporting medians and ratios (ours / mlx-lm).
+`--profile` adds the machine-independent numbers: primitives per decode step
+(counted from the graph) and the share of a decode step spent outside matrix
+products.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import re
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_flatten
+
+from .model import Model
+from .prefill import prefill
+from .weights import mlx_lm_module_paths, to_mlx_lm_layout
+
+# --------------------------------------------------------------------------- models
+
+
+def mlx_lm_twin(model: Model):
+    """mlx-lm's own granitemoehybrid model holding exactly our weights."""
+    from mlx_lm.models import granitemoehybrid as theirs
+
+    config = model.args.to_hub_dict()
+    config["time_step_limit"] = list(model.args.time_step_limit)  # else mlx-lm clamps dt
+    twin = theirs.Model(theirs.ModelArgs.from_dict(config))
+    weights = to_mlx_lm_layout(dict(tree_flatten(model.parameters())), model.args)
+    params = _quant_params(model)
+    if params:
+
+        def predicate(path, module):
+            return params.get(path, False) if hasattr(module, "to_quantized") else False
+
+        nn.quantize(twin, class_predicate=predicate)
+    twin.load_weights(list(weights.items()), strict=True)
+    twin.eval()
+    mx.eval(twin.parameters())
+    return twin
+
+
+def _quant_params(model: Model) -> dict[str, dict]:
+    """mlx-lm module path -> quantization settings, for each of our quantized modules."""
+    out = {}
+    for path, m in model.named_modules():
+        if hasattr(m, "bits") and hasattr(m, "group_size"):
+            for theirs in mlx_lm_module_paths(path, model.args):
+                out[theirs] = {"group_size": m.group_size, "bits": m.bits}
+    return out
+
+
+def build_models(args) -> tuple[Model, object]:
+    if args.model:
+        from .loading import load_model
+
+        ours = load_model(args.model, dtype=None if args.q_bits else args.dtype)
+    else:
+        from .shapes import random_model
+
+        ours = random_model(args.shape, dtype=getattr(mx, args.dtype), **_overrides(args))
+    if args.q_bits and not any(k.endswith(".scales") for k, _ in tree_flatten(ours.parameters())):
+        def small(path, m):  # conv, norms, A_log... are not Linear; the router stays 8-bit
+            if not hasattr(m, "to_quantized"):
+                return False
+            if path.endswith("router.layer"):
+                return {"group_size": 64, "bits": 8}
+            return True
+
+        nn.quantize(ours, group_size=args.q_group_size, bits=args.q_bits, class_predicate=small)
+        mx.eval(ours.parameters())
+    return ours, mlx_lm_twin(ours)
+
+
+def _overrides(args) -> dict:
+    if not args.layers:
+        return {}
+    from .shapes import SHAPES
+
+    kinds = SHAPES[args.shape]["layer_types"]
+    every = max(1, round(len(kinds) / max(1, kinds.count("attention")))) if "mamba" in kinds else 0
+    layer_types = [
+        "attention" if kinds[0] == "attention" or (every and i % every == every // 2) else "mamba"
+        for i in range(args.layers)
+    ]
+    return {"num_hidden_layers": args.layers, "layer_types": layer_types}
+
+
+# --------------------------------------------------------------------------- timing
+
+
+def _ours_generate(model: Model, prompt: mx.array, n: int, step: int):
+    cache = model.make_cache()
+    t0 = time.perf_counter()
+    logits = prefill(model, prompt, cache, step)
+    tok = mx.argmax(logits, axis=-1)[:, None]
+    mx.eval(tok)
+    t1 = time.perf_counter()
+    for _ in range(n):
+        nxt = mx.argmax(model(tok, cache)[:, -1], axis=-1)[:, None]
+        mx.async_eval(nxt)
+        tok = nxt
+    mx.eval(tok)
+    return t1 - t0, time.perf_counter() - t1
+
+
+def _theirs_generate(model, prompt: mx.array, n: int, step: int):
+    """mlx-lm's generate_step, which is how mlx-lm itself generates."""
+    from mlx_lm.generate import generate_step
+
+    t0 = time.perf_counter()
+    gen = generate_step(prompt[0], model, max_tokens=n + 1, prefill_step_size=step)
+    next(gen)
+    t1 = time.perf_counter()
+    for _ in gen:
+        pass
+    return t1 - t0, time.perf_counter() - t1
+
+
+def run(args) -> dict:
+    ours, theirs = build_models(args)
+    vocab = ours.args.vocab_size
+    lengths = [int(x) for x in args.prompts.split(",")]
+    impls = {"granite-mlx": (_ours_generate, ours), "mlx-lm": (_theirs_generate, theirs)}
+    runs: dict = {name: {L: [] for L in lengths} for name in impls}
+    for L in lengths:
+        prompt = mx.random.randint(0, vocab, (1, L), key=mx.random.key(L))
+        for name, (fn, m) in impls.items():  # warm-up: compile, allocate
+            fn(m, prompt[:, : min(L, 64)], 2, args.prefill_step)
+        for r in range(args.repeats):
+            order = list(impls) if r % 2 == 0 else list(reversed(impls))
+            for name in order:
+                fn, m = impls[name]
+                mx.clear_cache()
+                mx.reset_peak_memory()
+                t_pre, t_dec = fn(m, prompt, args.decode, args.prefill_step)
+                runs[name][L].append(
+                    {"prefill_tps": L / t_pre, "decode_tps": args.decode / t_dec,
+                     "peak_gib": mx.get_peak_memory() / 2**30}
+                )  # fmt: skip
+                print(f"  {name:12s} L={L:6d} rep {r}: prefill {L / t_pre:9.1f} tok/s, "
+                      f"decode {args.decode / t_dec:7.2f} tok/s", file=sys.stderr)  # fmt: skip
+    table = []
+    for L in lengths:
+        row = {"prompt": L}
+        for name in impls:
+            for key in ("prefill_tps", "decode_tps", "peak_gib"):
+                row[f"{name}:{key}"] = statistics.median(x[key] for x in runs[name][L])
+        for key in ("prefill_tps", "decode_tps"):
+            row[f"ratio:{key}"] = row[f"granite-mlx:{key}"] / row[f"mlx-lm:{key}"]
+        table.append(row)
+    result = {
+        "machine": machine(),
+        "model": args.model or args.shape,
+        "layers": ours.args.num_hidden_layers,
+        "dtype": f"{args.q_bits}-bit" if args.q_bits else args.dtype,
+        "decode_tokens": args.decode,
+        "repeats": args.repeats,
+        "table": table,
+        "runs": runs,
+    }
+    if args.profile:
+        result["profile"] = profile(ours, theirs)
+    return result
+
+
+def machine() -> dict:
+    info = mx.device_info() if hasattr(mx, "device_info") else {}
+    return {
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "device": str(mx.default_device()),
+        "device_name": str(info.get("device_name", "")),
+        "mlx": mx.__version__,
+    }
+
+
+# --------------------------------------------------------------------------- profile
+
+
+def count_primitives(outputs: list[mx.array]) -> int:
+    """Primitives in the graph that produces `outputs` (inputs already evaluated)."""
+    with tempfile.NamedTemporaryFile("r", suffix=".dot") as f:
+        mx.export_to_dot(f.name, *outputs)
+        return len(re.findall(r"shape=rectangle", Path(f.name).read_text()))
+
+
+def _primed(model, make_cache, context: int = 32):
+    cache = make_cache()
+    prompt = mx.random.randint(0, 1000, (1, context), key=mx.random.key(1))
+    model(prompt, cache)
+    states = [a for c in cache for a in _cache_arrays(c)]
+    mx.eval(states)
+    return cache
+
+
+def _cache_arrays(c) -> list[mx.array]:
+    if hasattr(c, "arrays"):
+        return list(c.arrays.values())
+    return [a for _, a in tree_flatten(c.state) if isinstance(a, mx.array)]
+
+
+def decode_graph_size(model, make_cache) -> int:
+    cache = _primed(model, make_cache)
+    tok = mx.array([[7]])
+    mx.eval(tok)
+    logits = model(tok, cache)
+    return count_primitives([logits] + [a for c in cache for a in _cache_arrays(c)])
+
+
+def _time(fn, repeats: int = 20) -> float:
+    fn()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def matmul_share(model: Model) -> dict:
+    """Time of one decode step, and of the same step's matrix products alone
+    (every Linear/embedding-head product at its decode shape, nothing else)."""
+    cache = _primed(model, model.make_cache)
+    tok = mx.array([[7]])
+
+    def step():
+        mx.eval(model(tok, cache))
+        for c in cache:  # keep the context length fixed
+            c.offset -= 1
+
+    products = []
+    for path, m in model.named_modules():
+        if isinstance(m, (nn.Linear, nn.QuantizedLinear)) and not path.endswith("router.layer"):
+            products.append(m)
+    x_for = {}
+    for m in products:
+        dims = m.weight.shape[1] * (32 // m.bits if hasattr(m, "bits") else 1)
+        x_for[id(m)] = mx.random.normal((1, 1, dims)).astype(mx.bfloat16 if m.weight.dtype != mx.float32 else mx.float32)
+    head = model.model.embed_tokens
+    hx = mx.random.normal((1, model.args.hidden_size)).astype(x_for[id(products[0])].dtype)
+    mx.eval(list(x_for.values()), hx)
+
+    def only_products():
+        outs = [m(x_for[id(m)]) for m in products]
+        outs.append(head.as_linear(hx) if model.args.tie_word_embeddings else model.lm_head(hx))
+        mx.eval(outs)
+
+    t_step, t_mm = _time(step), _time(only_products)
+    return {"step_ms": t_step * 1e3, "matmul_ms": t_mm * 1e3,
+            "outside_matmul_share": max(0.0, (t_step - t_mm) / t_step)}  # fmt: skip
+
+
+def profile(ours: Model, theirs) -> dict:
+    ours_graph = decode_graph_size(ours, ours.make_cache)
+    ours.compiled_decode = False
+    plain_graph = decode_graph_size(ours, ours.make_cache)
+    ours.compiled_decode = True
+    theirs_graph = decode_graph_size(theirs, theirs.make_cache)
+    return {
+        "primitives_per_decode_step": {
+            "granite-mlx": ours_graph, "granite-mlx-uncompiled": plain_graph, "mlx-lm": theirs_graph,
+            "ratio": ours_graph / theirs_graph,
+        },
+        "decode_step_breakdown": matmul_share(ours),
+    }  # fmt: skip
+
+
+# --------------------------------------------------------------------------- output
+
+
+def print_table(result: dict) -> None:
+    m = result["machine"]
+    print(f"{result['model']} ({result['layers']} layers), {result['dtype']}, "
+          f"{m['device']} {m['device_name'] or m['processor']}, mlx {m['mlx']}")  # fmt: skip
+    print(f"{'prompt':>7} | {'prefill tok/s ours':>18} {'mlx-lm':>9} {'ratio':>6} | "
+          f"{'decode tok/s ours':>17} {'mlx-lm':>8} {'ratio':>6} | {'peak GiB ours':>13} {'mlx-lm':>7}")  # fmt: skip
+    for r in result["table"]:
+        print(f"{r['prompt']:>7} | {r['granite-mlx:prefill_tps']:>18.1f} {r['mlx-lm:prefill_tps']:>9.1f} "
+              f"{r['ratio:prefill_tps']:>6.2f} | {r['granite-mlx:decode_tps']:>17.2f} "
+              f"{r['mlx-lm:decode_tps']:>8.2f} {r['ratio:decode_tps']:>6.2f} | "
+              f"{r['granite-mlx:peak_gib']:>13.2f} {r['mlx-lm:peak_gib']:>7.2f}")  # fmt: skip
+    if "profile" in result:
+        p = result["profile"]
+        g, b = p["primitives_per_decode_step"], p["decode_step_breakdown"]
+        print(f"primitives per decode step: ours {g['granite-mlx']} (uncompiled "
+              f"{g['granite-mlx-uncompiled']}), mlx-lm {g['mlx-lm']}, ratio {g['ratio']:.3f}")
+        print(f"decode step {b['step_ms']:.1f} ms, matrix products alone {b['matmul_ms']:.1f} ms, "
+              f"outside products {100 * b['outside_matmul_share']:.1f}%")
+
+
+def plot(result: dict, path: str) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("--plot needs matplotlib: pip install 'granite-mlx[bench]'", file=sys.stderr)
+        return
+    rows = result["table"]
+    xs = [r["prompt"] for r in rows]
+    fig, axes = plt.subplots(1, 3, figsize=(14, 4))
+    for ax, key, title in zip(axes, ["prefill_tps", "decode_tps", "peak_gib"],
+                              ["prefill tok/s", "decode tok/s", "peak memory (GiB)"]):  # fmt: skip
+        for name in ("granite-mlx", "mlx-lm"):
+            ax.plot(xs, [r[f"{name}:{key}"] for r in rows], marker="o", label=name)
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("prompt length (tokens)")
+        ax.set_title(title)
+        ax.legend()
+    fig.suptitle(f"{result['model']} {result['dtype']} on {result['machine']['device']}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="granite-mlx bench", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", help="a checkpoint folder or Hub repo (default: random weights)")
+    ap.add_argument("--shape", default="h-350m", help="released shape for random weights")
+    ap.add_argument("--layers", type=int, default=0, help="keep only this many layers (faster)")
+    ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    ap.add_argument("--q-bits", type=int, choices=[4, 8], default=None)
+    ap.add_argument("--q-group-size", type=int, default=64)
+    ap.add_argument("--prompts", default="512,1024,2048,4096,8192,16384,32768")
+    ap.add_argument("--decode", type=int, default=64, help="tokens to decode per run")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--prefill-step", type=int, default=2048)
+    ap.add_argument("--profile", action="store_true", help="graph size and decode breakdown")
+    ap.add_argument("--json", help="write the results here")
+    ap.add_argument("--plot", help="write a PNG plot here")
+    args = ap.parse_args(argv)
+    result = run(args)
+    print_table(result)
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=1))
+    if args.plot:
+        plot(result, args.plot)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
