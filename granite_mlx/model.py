@@ -113,7 +113,7 @@ class Mamba2Mixer(nn.Module):
         state = cache.ssm_state if cache is not None else None
         if pad_mask is not None:
             # Padding must not reach the conv window or the state (left-padded batches).
-            xBC = xBC * pad_mask[..., None].astype(xBC.dtype)
+            xBC = mx.where(pad_mask[..., None], xBC, 0)  # where, not *: 0 * NaN is NaN
         if conv_state is None:
             conv_state = mx.zeros((b, self.d_conv - 1, self.conv_dim), xBC.dtype)
         window = mx.concatenate([conv_state.astype(xBC.dtype), xBC], axis=1)  # (b,l+k-1,ch)
@@ -123,8 +123,8 @@ class Mamba2Mixer(nn.Module):
         )  # (b,l,ch) float32
         dt = ssm.discretize_dt(dt, self.dt_bias, self.time_step_limit)  # (b,l,h)
         if pad_mask is not None:
-            xBC = xBC * pad_mask[..., None]
-            dt = dt * pad_mask[..., None]  # dt = 0 leaves the state untouched
+            xBC = mx.where(pad_mask[..., None], xBC, 0.0)
+            dt = mx.where(pad_mask[..., None], dt, 0.0)  # dt = 0 leaves the state untouched
         xs, B, C = mx.split(xBC, [self.d_inner, self.d_inner + self.n_groups * self.d_state], axis=-1)
         y, state = ssm.selective_scan(
             xs.reshape(b, l, self.n_heads, self.head_dim),
@@ -192,7 +192,10 @@ class Attention(nn.Module):
             k = self.rope(k, offset=offset)
         if cache is not None:
             k, v = cache.update_and_fetch(k, v)
-        o = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale, mask=mask)
+        if _blocked_attention_pays(q, k, mask):
+            o = blocked_causal_attention(q, k, v, self.scale)
+        else:
+            o = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale, mask=mask)
         return self.o_proj(o.transpose(0, 2, 1, 3).reshape(b, l, -1))
 
     def step(self, x: mx.array, cache: KVCache, mask=None) -> mx.array:
@@ -208,6 +211,47 @@ class Attention(nn.Module):
         k, v = cache.update_and_fetch(k, v)
         o = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale, mask=mask)
         return self.o_proj(o.reshape(b, -1))
+
+
+KEY_BLOCK = 1024
+
+
+def _blocked_attention_pays(q: mx.array, k: mx.array, mask) -> bool:
+    # The CPU's attention materialises (heads, queries, keys) scores in float32;
+    # past a few MB that dominates a long prefill's memory. GPUs run a fused kernel.
+    return (
+        mask == "causal" if isinstance(mask, str) else False
+    ) and mx.default_device() == mx.cpu and k.shape[2] > KEY_BLOCK
+
+
+def blocked_causal_attention(q: mx.array, k: mx.array, v: mx.array, scale: float) -> mx.array:
+    """Causal attention over key blocks with an online softmax: memory grows with
+    one block of scores, not the whole context.
+
+    q: (b, nh, l, hd), the last l of the s positions in k, v: (b, kvh, s, hd).
+    """
+    b, nh, l, hd = q.shape
+    kvh, s = k.shape[1], k.shape[2]
+    q = (q.astype(mx.float32) * scale).reshape(b, kvh, nh // kvh, l, hd)  # (b,kvh,rep,l,hd)
+    query_pos = (s - l + mx.arange(l))[:, None]  # (l, 1)
+    m = mx.full((b, kvh, nh // kvh, l, 1), -mx.inf)
+    total = mx.zeros((b, kvh, nh // kvh, l, 1))
+    acc = mx.zeros((b, kvh, nh // kvh, l, v.shape[-1]))
+    for j in range(0, s, KEY_BLOCK):
+        kb = k[:, :, None, j : j + KEY_BLOCK].astype(mx.float32)  # (b,kvh,1,kb,hd)
+        vb = v[:, :, None, j : j + KEY_BLOCK].astype(mx.float32)
+        scores = q @ kb.swapaxes(-1, -2)  # (b,kvh,rep,l,kb)
+        visible = (j + mx.arange(kb.shape[3]))[None, :] <= query_pos  # (l, kb)
+        scores = mx.where(visible, scores, -mx.inf)
+        m_new = mx.maximum(m, scores.max(axis=-1, keepdims=True))
+        # Rows with no visible key yet keep m = -inf; exp(-inf - -inf) must read 0.
+        safe = mx.where(m_new == -mx.inf, 0.0, m_new)
+        p = mx.exp(scores - safe)
+        correction = mx.exp(m - safe)
+        total = total * correction + p.sum(axis=-1, keepdims=True)
+        acc = acc * correction + p @ vb
+        m = m_new
+    return (acc / total).reshape(b, nh, l, -1).astype(v.dtype)
 
 
 class MLP(nn.Module):
@@ -411,10 +455,12 @@ class Model(nn.Module):
             positions = offset + mx.arange(l)
             pad_mask = positions[None, :] >= left[:, None]  # (b, l): real tokens
         if left is not None:
-            keys = mx.arange(offset + l)
-            allowed = keys[None, None, :] <= (offset + mx.arange(l))[None, :, None]  # causal
-            allowed = allowed & (keys[None, None, :] >= left[:, None, None])  # (b, l, s)
-            mask = allowed[:, None]  # (b, 1, l, s)
+            keys = mx.arange(offset + l)[None, None, :]
+            queries = (offset + mx.arange(l))[None, :, None]
+            allowed = (keys <= queries) & (keys >= left[:, None, None])  # (b, l, s)
+            # A pad query would see no key at all, and its softmax would be NaN, which
+            # 0-weights cannot stop from spreading (0 * NaN = NaN): let it see itself.
+            mask = (allowed | (keys == queries))[:, None]  # (b, 1, l, s)
         for i, layer in enumerate(self.layers):
             h = layer(h, cache[i] if cache else None, mask, pad_mask)
         return self.model.norm(h)

@@ -174,10 +174,19 @@ def selective_scan(
 ) -> tuple[mx.array, mx.array]:
     """The prefill dispatch point (see `ssd_chunked_scan` for shapes).
 
+    The chunk length is free (every length gives the same result, to rounding):
+    on the CPU 64 is both faster and lighter than the checkpoints' 256 (measured:
+    0.30 s and 46 MiB against 0.53 s and 79 MiB for 512 tokens of H-350M's
+    mixer); on a GPU the checkpoint's own is kept.
     No prefill kernel is used: a fused scan kernel is only worth keeping where it
     beats this pure-MLX chunked scan, which could not be measured on a GPU here.
     """
+    if mx.default_device() == mx.cpu:
+        chunk_size = min(chunk_size, CPU_SCAN_CHUNK)
     return ssd_chunked_scan(x, dt, A, B, C, D, chunk_size, initial_state)
+
+
+CPU_SCAN_CHUNK = 64
 
 
 def depthwise_causal_conv(window: mx.array, weight: mx.array, bias: mx.array | None) -> mx.array:

@@ -15,9 +15,11 @@ It takes well under a minute and rewrites
     tests/fixtures/reference/generation.json          greedy continuations, for each case and for the
                                                       real-vocabulary model (config + seed only)
 
-The tiny cases are built by transformers itself (its own initialisation, then
-norms and the Mamba2 A_log / D / dt_bias / conv bias perturbed so that bugs
-show), and every weight is rounded to a bfloat16-representable float32 value.
+The tiny cases are built by transformers itself (the model object, its config
+handling, its save_pretrained); their weights are re-drawn with torch at the
+scales checkpoint_factory documents (norms and the Mamba2 A_log / D / dt_bias /
+conv bias included, which transformers sets to constants) and every weight is
+rounded to a bfloat16-representable float32 value.
 So the float32 and the bfloat16 copies of a checkpoint hold exactly the same
 numbers, ``logits_f32`` is the reference for both, and ``logits_bf16`` (the
 same model run by transformers in bfloat16) measures only transformers' own
@@ -28,10 +30,19 @@ The ``real_vocab`` model is made by ``checkpoint_factory.write_checkpoint``
 committed; the suite regenerates the weights.
 
 Greedy continuations are computed in float32 without a cache (a full forward
-per token, the plain definition) and compared with ``model.generate`` using its
-cache. Prompts for the tiny cases are chosen among a few random candidates as
-the one whose smallest top-1 minus top-2 logit margin over the generated steps
-is largest; every recorded margin is > 1e-3 so the tests are not flaky.
+per token, the plain definition; the same as ``generate(use_cache=False)``) and
+compared with ``model.generate`` using its cache. They agree everywhere except
+``dt_limit``: transformers 5.23's single-token Mamba2 step
+(``mamba2_selective_state_update``) ignores ``time_step_limit`` while its prefill
+clamps, so its cached generate drifts; the record keeps the clamped (no-cache)
+ids and also lists the cached ones. Prompts for the tiny cases are random
+candidates; among those whose continuation is varied (no single-token
+attractor) the one with the largest smallest top-1 minus top-2 logit margin is
+kept. Every recorded margin is > 1e-3, so the tests are not flaky.
+
+HUB_DTYPE is float32 because the suite loads hub/ in the checkpoint's dtype and
+compares with ``logits_f32``; bfloat16 (as IBM ships) would halve those files
+and hold exactly the same values.
 """
 
 from __future__ import annotations
@@ -52,22 +63,24 @@ from transformers import AutoTokenizer, GraniteMoeHybridConfig, GraniteMoeHybrid
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-import checkpoint_factory as factory  # noqa: E402
+import checkpoint_factory as factory
 
 FIXTURES = HERE / "fixtures"
 CHECKPOINTS = FIXTURES / "checkpoints"
 REFERENCE = FIXTURES / "reference"
-TOKENIZER = Path("/work/shared/granite-4.0/tokenizer")
+TOKENIZER = FIXTURES / "tokenizer"  # the real Granite 4.0 tokenizer (a committed copy)
 
 TINY_CASES = ["hybrid_nope", "dense_rope_untied", "moe_hybrid", "groups2", "dt_limit"]
 CASE_SEEDS = {name: 100 + i for i, name in enumerate(TINY_CASES)}
 REDUNDANT_LM_HEAD = {"hybrid_nope"}  # tied, but the hub copy ships lm_head.weight
-HUB_DTYPE = torch.float32  # Hub checkpoints are bf16; see README note in the report
+HUB_DTYPE = torch.float32  # see the module docstring
 SEQ_LEN = 37  # not a multiple of any case's mamba_chunk_size (16)
 BATCH = 2
 TINY_PROMPT_LEN = 19  # longer than one chunk, so prefill spans chunks before decoding
 TINY_NEW_TOKENS = 12
-TINY_PROMPT_CANDIDATES = 16
+TINY_PROMPT_CANDIDATES = 32
+TINY_MIN_DISTINCT = 8  # distinct tokens among the 12 generated: no "the the the" attractor
+MOE_INPUT_CANDIDATES = 64
 REAL_SEED = 1234
 REAL_NEW_TOKENS = 16
 MIN_MARGIN = 1e-3
@@ -104,14 +117,25 @@ def log_uniform(n: int, low: float, high: float, gen: torch.Generator) -> torch.
     return torch.exp(math.log(low) + t * (math.log(high) - math.log(low)))
 
 
-def perturb(model: GraniteMoeHybridForCausalLM, case: str, gen: torch.Generator) -> None:
-    """Move the parameters transformers initialises to constants (norm weights
-    1, D 1, dt_bias 1, conv bias 0, A_log log(1..n)) to random values."""
-    # dt_limit: most softplus(dt + dt_bias) values near 0.05, so the clamp bites.
+RESIDUAL_WRITERS = ("o_proj.weight", "out_proj.weight", "output_linear.weight", "experts.down_proj")
+
+
+def randomize(model: GraniteMoeHybridForCausalLM, case: str, gen: torch.Generator) -> None:
+    """Re-draw transformers' initial weights with the scales checkpoint_factory
+    uses (see its docstring), and move the parameters transformers sets to
+    constants (norm weights 1, D 1, dt_bias 1, conv bias 0, A_log log(1..n))
+    to random values, so that a bug in any of them shows in the logits."""
+    # dt_limit: many softplus(dt + dt_bias) values above 0.05, so the clamp bites.
     dt_range = (0.02, 0.3) if case == "dt_limit" else (0.001, 0.1)
+    # In-memory names: experts.gate_up_proj / down_proj, router.weight.
     for name, p in model.named_parameters():
         n = p.numel()
-        if name.endswith("norm.weight"):  # all RMSNorms, the gated Mamba one too
+        if name.endswith("embed_tokens.weight"):
+            p.copy_(factory.EMBED_STD * torch.randn(p.shape, generator=gen))
+        elif p.dim() >= 2:  # matrices, expert stacks, conv1d [C, 1, K]: std gain / sqrt(fan_in)
+            gain = factory.OUT_GAIN if name.endswith(RESIDUAL_WRITERS) else 1.0
+            p.copy_(gain / math.sqrt(p.shape[-1]) * torch.randn(p.shape, generator=gen))
+        elif name.endswith("norm.weight"):  # all RMSNorms, the gated Mamba one too
             p.copy_(0.8 + 0.4 * torch.rand(p.shape, generator=gen))
         elif name.endswith("mamba.A_log"):
             p.copy_(torch.log(1.0 + 15.0 * torch.rand(n, generator=gen)))
@@ -121,6 +145,8 @@ def perturb(model: GraniteMoeHybridForCausalLM, case: str, gen: torch.Generator)
             p.copy_(inverse_softplus(log_uniform(n, *dt_range, gen)))
         elif name.endswith("conv1d.bias"):
             p.copy_(0.2 * torch.rand(n, generator=gen) - 0.1)
+        else:
+            raise AssertionError(f"unexpected parameter {name}")
 
 
 def round_to_bfloat16(model: torch.nn.Module) -> None:
@@ -134,7 +160,7 @@ def build_tiny(case: str) -> tuple[GraniteMoeHybridForCausalLM, dict]:
     torch.manual_seed(CASE_SEEDS[case])
     model = GraniteMoeHybridForCausalLM(config).to(torch.float32).eval()
     gen = torch.Generator().manual_seed(CASE_SEEDS[case])
-    perturb(model, case, gen)
+    randomize(model, case, gen)
     round_to_bfloat16(model)
     return model, hub
 
@@ -178,16 +204,69 @@ def write_hub_folder(case: str, hub: dict, transformers_folder: Path, folder: Pa
 # --------------------------------------------------------------------------
 
 
-def input_ids_for(case: str, vocab: int) -> torch.Tensor:
-    gen = torch.Generator().manual_seed(1000 + CASE_SEEDS[case])
+def random_ids(seed: int, vocab: int) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
     return torch.randint(2, vocab, (BATCH, SEQ_LEN), generator=gen)
+
+
+def routing(model, ids: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(router logits, chosen experts) of every MoE layer for one forward."""
+    captured = []
+    hooks = [
+        layer.block_sparse_moe.router.register_forward_hook(
+            lambda mod, args, out: captured.append((out[0], out[2]))
+        )
+        for layer in model.model.layers
+    ]
+    model(input_ids=ids)
+    for hook in hooks:
+        hook.remove()
+    return captured
+
+
+def router_min_gap(model, ids: torch.Tensor) -> float:
+    """Smallest float32 gap between the k-th and (k+1)-th router logit."""
+    k = model.config.num_experts_per_tok
+    gaps = []
+    for logits, _ in routing(model, ids):
+        top = torch.topk(logits.float(), k + 1, dim=-1).values
+        gaps.append((top[:, k - 1] - top[:, k]).min())
+    return float(min(gaps))
+
+
+def bf16_routing_flips(model, bf16_model, ids: torch.Tensor) -> int:
+    """Tokens (summed over layers) whose expert set differs between float32 and bfloat16."""
+    flips = 0
+    for (_, e32), (_, e16) in zip(routing(model, ids), routing(bf16_model, ids)):
+        flips += int((e32.sort(-1).values != e16.sort(-1).values).any(-1).sum())
+    return flips
+
+
+def input_ids_for(case: str, model, vocab: int) -> tuple[torch.Tensor, dict]:
+    """Random ids; for MoE, the candidate whose routing is furthest from a tie
+    (among those where transformers' bf16 run picks the same experts), since a
+    near-tie flips experts under bf16 rounding and makes bf16 logits jump."""
+    base = 1000 + 100 * CASE_SEEDS[case]
+    if not model.config.num_local_experts:
+        return random_ids(base, vocab), {}
+    bf16_model = copy.deepcopy(model).to(torch.bfloat16)
+    best = None
+    for i in range(MOE_INPUT_CANDIDATES):
+        ids = random_ids(base + i, vocab)
+        if bf16_routing_flips(model, bf16_model, ids):
+            continue
+        gap = router_min_gap(model, ids)
+        if best is None or gap > best[1]:
+            best = (ids, gap)
+    assert best is not None, case
+    return best[0], {"router_min_gap_f32": f"{best[1]:.4g}", "bf16_routing_flips": "0"}
 
 
 def logits_of(model, ids: torch.Tensor) -> torch.Tensor:
     return model(input_ids=ids).logits.float()
 
 
-def write_reference(case: str, model, ids: torch.Tensor) -> dict:
+def write_reference(case: str, model, ids: torch.Tensor, extra_metadata: dict) -> dict:
     f32 = logits_of(model, ids)
     bf16_model = copy.deepcopy(model).to(torch.bfloat16)
     bf16 = logits_of(bf16_model, ids)
@@ -196,18 +275,24 @@ def write_reference(case: str, model, ids: torch.Tensor) -> dict:
         "logits_f32": f32.contiguous(),
         "logits_bf16": bf16.contiguous(),
     }
-    metadata = {
+    about = {
         "case": case,
         "transformers_version": transformers.__version__,
         "torch_version": torch.__version__,
+        **extra_metadata,
     }
+    # One key: safetensors writes metadata in hash order, so several keys would
+    # make the file's bytes change from run to run.
+    metadata = {"reference": json.dumps(about, sort_keys=True)}
     save_file(tensors, REFERENCE / f"{case}.safetensors", metadata=metadata)
     return {"f32": f32, "bf16_err": float((bf16 - f32).abs().max()), "logit_std": float(f32.std())}
 
 
 def check_reload(folder: Path, ids: torch.Tensor, expected: torch.Tensor) -> float:
     """Load a written folder back with transformers (float32) and compare."""
-    model = GraniteMoeHybridForCausalLM.from_pretrained(folder, dtype=torch.float32, attn_implementation="eager")
+    model = GraniteMoeHybridForCausalLM.from_pretrained(
+        folder, dtype=torch.float32, attn_implementation="eager"
+    )
     return float((logits_of(model.eval(), ids) - expected).abs().max())
 
 
@@ -247,7 +332,7 @@ def greedy_generate(model, prompt: list[int], n_new: int) -> tuple[list[int], fl
         output_logits=True,
         return_dict_in_generate=True,
     )
-    new = out.sequences[0, len(prompt):].tolist()
+    new = out.sequences[0, len(prompt) :].tolist()
     return new, min(margin(step[0]) for step in out.logits)
 
 
@@ -271,13 +356,14 @@ def generation_record(model, prompt: list[int], n_new: int, eos: int) -> dict:
 
 
 def pick_tiny_prompt(case: str, model, vocab: int, eos: int) -> dict:
-    """Among a few random prompts, the one with the largest min margin."""
+    """Among a few random prompts whose continuation is varied (at least
+    TINY_MIN_DISTINCT distinct tokens), the one with the largest min margin."""
     gen = torch.Generator().manual_seed(2000 + CASE_SEEDS[case])
     best = None
     for _ in range(TINY_PROMPT_CANDIDATES):
         prompt = torch.randint(2, vocab, (TINY_PROMPT_LEN,), generator=gen).tolist()
         new, min_margin = greedy_no_cache(model, prompt, TINY_NEW_TOKENS)
-        if eos in new:
+        if eos in new or len(set(new)) < TINY_MIN_DISTINCT:
             continue
         if best is None or min_margin > best[1]:
             best = (prompt, min_margin)
@@ -305,21 +391,26 @@ def real_vocab_record() -> dict:
     config = factory.config_for("real_vocab")
     with tempfile.TemporaryDirectory() as tmp:
         factory.write_checkpoint(tmp, config, seed=REAL_SEED)
-        model = GraniteMoeHybridForCausalLM.from_pretrained(tmp, dtype=torch.float32, attn_implementation="eager")
+        model = GraniteMoeHybridForCausalLM.from_pretrained(
+            tmp, dtype=torch.float32, attn_implementation="eager"
+        )
         model.eval()
         prompts = []
         for label, text in real_vocab_prompts():
             ids = tokenizer.encode(text, add_special_tokens=False).ids
             assert ids == tokenizer.encode(text).ids  # the tokenizer adds no BOS
             record = generation_record(model, ids, REAL_NEW_TOKENS, config["eos_token_id"])
-            assert not record["eos_in_output"] and record["min_margin"] > MIN_MARGIN, (label, record)
+            assert not record["eos_in_output"] and record["min_margin"] > MIN_MARGIN, (
+                label,
+                record,
+            )
             prompts.append({"label": label, "text": text, **record})
     return {
         "config": config,
         "seed": REAL_SEED,
         "dtype": "float32",
         "writer": "checkpoint_factory.write_checkpoint(folder, config, seed)",
-        "tokenizer": "shared/granite-4.0/tokenizer/tokenizer.json (ids from tokenizers.Tokenizer.encode)",
+        "tokenizer": "tests/fixtures/tokenizer/tokenizer.json (ids from tokenizers.Tokenizer.encode)",
         "max_new_tokens": REAL_NEW_TOKENS,
         "prompts": prompts,
     }
@@ -355,7 +446,9 @@ def clamp_fraction(model, ids: torch.Tensor) -> float:
     """Fraction of softplus(dt + dt_bias) values above the time_step_limit max."""
     captured = []
     hooks = [
-        layer.mamba.in_proj.register_forward_hook(lambda mod, args, out, m=layer.mamba: captured.append((m, out)))
+        layer.mamba.in_proj.register_forward_hook(
+            lambda mod, args, out, m=layer.mamba: captured.append((m, out))
+        )
         for layer in model.model.layers
         if layer.mamba is not None
     ]
@@ -380,9 +473,13 @@ def main() -> None:
     CHECKPOINTS.mkdir(parents=True, exist_ok=True)
     generation = {
         "_about": (
-            "Greedy (do_sample=False) continuations computed by transformers in float32. "
+            "Greedy (do_sample=False) continuations computed by transformers in float32, "
+            "a full forward per token (= generate(use_cache=False)). "
             "new_ids: the generated tokens; output_ids: prompt + new_ids (what generate returns). "
             "min_margin: smallest top-1 minus top-2 logit over the generated steps. "
+            "generate_with_cache_agrees: whether generate() with its cache gives the same ids "
+            "(not for dt_limit: transformers' single-token Mamba2 step ignores time_step_limit; "
+            "its ids are then in generate_with_cache_new_ids). "
             "Tiny cases load from checkpoints/<case>/{hub,transformers}; real_vocab is made by "
             "checkpoint_factory.write_checkpoint(folder, config, seed)."
         ),
@@ -395,8 +492,8 @@ def main() -> None:
         folder = CHECKPOINTS / case
         write_transformers_folder(model, folder / "transformers")
         write_hub_folder(case, hub, folder / "transformers", folder / "hub")
-        ids = input_ids_for(case, hub["vocab_size"])
-        ref = write_reference(case, model, ids)
+        ids, routing_info = input_ids_for(case, model, hub["vocab_size"])
+        ref = write_reference(case, model, ids, routing_info)
         reload_t = check_reload(folder / "transformers", ids, ref["f32"])
         reload_h = check_reload(folder / "hub", ids, ref["f32"])
         assert reload_t < 1e-5 and reload_h < 1e-5, (case, reload_t, reload_h)
@@ -424,7 +521,9 @@ def main() -> None:
 def dump_json(data) -> str:
     """Indented JSON with each list of numbers kept on one line."""
     text = json.dumps(data, indent=2, ensure_ascii=False)
-    flat = re.sub(r"\[\s+([-0-9.,\s]+?)\s+\]", lambda m: "[" + " ".join(m.group(1).split()) + "]", text)
+    flat = re.sub(
+        r"\[\s+([-0-9.,\s]+?)\s+\]", lambda m: "[" + " ".join(m.group(1).split()) + "]", text
+    )
     return flat + "\n"
 
 

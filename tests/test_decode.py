@@ -83,3 +83,15 @@ def test_chunked_prefill_equals_one_shot(step):
     last = prefill(model, prompt, cache, step_size=step, progress=lambda d, t: seen.append((d, t)))
     assert mx.allclose(last, whole, atol=1e-5, rtol=1e-5)
     assert seen[-1] == (41, 41) and cache[0].offset == 41
+
+
+@pytest.mark.parametrize("s, l", [(1500, 1500), (3000, 700), (2049, 1)])
+def test_blocked_attention_equals_sdpa(s, l):
+    from granite_mlx.model import blocked_causal_attention
+
+    keys = mx.random.split(mx.random.key(s + l), 3)
+    q = mx.random.normal((1, 4, l, 16), key=keys[0])
+    k = mx.random.normal((1, 2, s, 16), key=keys[1])
+    v = mx.random.normal((1, 2, s, 16), key=keys[2])
+    ref = mx.fast.scaled_dot_product_attention(q, k, v, scale=0.25, mask="causal" if l > 1 else None)
+    assert mx.allclose(blocked_causal_attention(q, k, v, 0.25), ref, atol=1e-5, rtol=1e-4)
