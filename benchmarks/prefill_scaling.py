@@ -3,7 +3,7 @@
     python benchmarks/prefill_scaling.py --shape h-350m --layers 8 \
         --lengths 2048,4096,8192,16384 [--step 512] [--json out.json]
 
-For each length: wall time of a chunked prefill (granite_mlx.prefill), the
+For each length: wall time of a chunked prefill (as stream_generate runs it), the
 FLOP count of the same work (matrix products, causal attention, the SSD scan),
 and the peak memory against weights + KV cache. Two checks follow:
 - time(L) / time(first) within 15% of flops(L) / flops(first);
@@ -21,7 +21,7 @@ from mlx.utils import tree_flatten
 
 from granite_mlx.bench import _overrides
 from granite_mlx.cache import eval_cache
-from granite_mlx.prefill import prefill
+from granite_mlx.generate import prefill
 from granite_mlx.shapes import random_model
 
 
@@ -77,7 +77,8 @@ def main() -> None:
         mx.reset_peak_memory()
         base = mx.get_active_memory()
         t0 = time.perf_counter()
-        logits = prefill(model, prompt, cache, step_size=a.step)
+        prefill(model, cache, prompt, a.step, lambda done, total: None, None)
+        logits = model(prompt[:, -1:], cache)  # the first decode step gives the first token
         mx.eval(logits)
         eval_cache(cache)
         seconds = time.perf_counter() - t0

@@ -25,11 +25,11 @@ import time
 from pathlib import Path
 
 import mlx.core as mx
-import mlx.nn as nn
+from mlx import nn
 from mlx.utils import tree_flatten
 
+from .generate import prefill
 from .model import Model
-from .prefill import prefill
 from .weights import mlx_lm_module_paths, to_mlx_lm_layout
 
 # --------------------------------------------------------------------------- models
@@ -106,10 +106,12 @@ def _overrides(args) -> dict:
 
 
 def _ours_generate(model: Model, prompt: mx.array, n: int, step: int):
+    """Our generation loop as stream_generate runs it: prefill all but the last
+    prompt token in chunks, then one decode step per token."""
     cache = model.make_cache()
     t0 = time.perf_counter()
-    logits = prefill(model, prompt, cache, step)
-    tok = mx.argmax(logits, axis=-1)[:, None]
+    prefill(model, cache, prompt, step, lambda done, total: None, None)
+    tok = mx.argmax(model(prompt[:, -1:], cache)[:, -1], axis=-1)[:, None]
     mx.eval(tok)
     t1 = time.perf_counter()
     for _ in range(n):

@@ -72,7 +72,7 @@ class ModelArgs:
     torch_dtype: str | None = None
 
     @classmethod
-    def from_dict(cls, config: dict[str, Any]) -> "ModelArgs":
+    def from_dict(cls, config: dict[str, Any]) -> ModelArgs:
         """Build from a parsed config.json; unknown keys are ignored."""
         if not isinstance(config, dict):
             raise ConfigError("config.json must hold a JSON object.")

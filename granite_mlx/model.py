@@ -16,7 +16,7 @@ checkpoint's weight names (`in_proj`, `conv1d`, `A_log`, `shared_mlp.input_linea
 from __future__ import annotations
 
 import mlx.core as mx
-import mlx.nn as nn
+from mlx import nn
 
 from . import ssm
 from .cache import Cache, KVCache, MambaCache
@@ -447,7 +447,7 @@ class Model(nn.Module):
     def hidden_states(self, tokens: mx.array, cache: Cache | None = None) -> mx.array:
         """The final-normed hidden states (b, l, hidden)."""
         h = self.model.embed_tokens(tokens) * self.args.embedding_multiplier
-        b, l = tokens.shape
+        l = tokens.shape[1]
         offset = cache[0].offset if cache else 0
         pad_mask, mask = None, ("causal" if l > 1 else None)
         left = cache[0].left_padding if cache else None

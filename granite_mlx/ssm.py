@@ -151,8 +151,7 @@ def ssm_update(
     state: (b, h, p, n) float32   x: (b, h, p)   dt: (b, h) discretized   A: (h,)
     B, C: (b, g, n)   D: (h,)  ->  y (b, h, p) float32, new state (b, h, p, n)
     """
-    b, h, p = x.shape
-    g, n = B.shape[-2:]
+    h, g = x.shape[1], B.shape[1]
     x = x.astype(mx.float32)
     decay = mx.exp(dt * A)[..., None, None]  # (b,h,1,1)
     B = mx.repeat(B.astype(mx.float32), h // g, axis=1)[:, :, None, :]  # (b,h,1,n)
@@ -229,7 +228,7 @@ def decode_step_reference(
     Written as broadcasts over a (b, g, h/g, p, n) view, with no repeat of B and C:
     every op here is a dispatch on a GPU.
     """
-    b, ch = xBC.shape
+    b = xBC.shape[0]
     h, p, n = state.shape[1:]
     g = n_groups
     window = mx.concatenate([conv_state, xBC[:, None].astype(conv_state.dtype)], axis=1)  # (b,k,ch)

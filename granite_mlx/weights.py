@@ -74,7 +74,7 @@ def to_mlx_lm_layout(weights: dict[str, mx.array], args: ModelArgs) -> dict[str,
         if name.endswith("conv1d.weight") and w.ndim == 2:
             out[name] = w[:, :, None]  # (C,K) -> (C,K,1)
             continue
-        m = re.match(r"^(model\.layers\.\d+)\.(shared_mlp|block_sparse_moe)\.(input_linear|output_linear)\.(\w+)$", name)  # noqa: E501
+        m = re.match(r"^(model\.layers\.\d+)\.(shared_mlp|block_sparse_moe)\.(input_linear|output_linear)\.(\w+)$", name)
         if m is None or (m.group(2) == "shared_mlp" and args.use_moe):
             out[name] = w  # mlx-lm keeps shared_mlp's names when the model has experts
             continue
@@ -91,7 +91,7 @@ def to_mlx_lm_layout(weights: dict[str, mx.array], args: ModelArgs) -> dict[str,
 
 def mlx_lm_module_paths(path: str, args: ModelArgs) -> list[str]:
     """The mlx-lm module path(s) that hold what our module `path` holds."""
-    m = re.match(r"^(model\.layers\.\d+)\.(shared_mlp|block_sparse_moe)\.(input_linear|output_linear)$", path)  # noqa: E501
+    m = re.match(r"^(model\.layers\.\d+)\.(shared_mlp|block_sparse_moe)\.(input_linear|output_linear)$", path)
     if m is None or (m.group(2) == "shared_mlp" and args.use_moe):
         return [path]
     layer, block, which = m.groups()

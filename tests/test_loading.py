@@ -35,13 +35,10 @@ def mlx_lm_convert(case, dst, bits=None):
 
 
 def test_redundant_lm_head_is_dropped():
-    from safetensors import safe_open
-
-    with safe_open(checkpoint("hybrid_nope") / "model.safetensors", "np") as f:
-        has_head = "lm_head.weight" in f.keys()
+    weights = mx.load(str(checkpoint("hybrid_nope") / "model.safetensors"))
+    assert "lm_head.weight" in weights  # this fixture ships one, as some Hub checkpoints do
     model = load_model(checkpoint("hybrid_nope"))
     assert model.args.tie_word_embeddings and "lm_head" not in model
-    assert has_head or True  # the fixture may or may not ship one; loading must work either way
 
 
 @pytest.mark.parametrize("case", ["hybrid_nope", "moe_hybrid"])
@@ -152,7 +149,7 @@ def test_truncated_safetensors(tmp_path, keep):
     dst = copy_case(tmp_path)
     path = dst / "model.safetensors"
     data = path.read_bytes()
-    path.write_bytes(data[:keep] if keep >= 0 else data[:keep])
+    path.write_bytes(data[:keep])  # negative: cut that many bytes off the end
     with pytest.raises(CheckpointError, match="truncated|corrupt"):
         load_model(dst)
 
