@@ -24,7 +24,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import mlx.core as mx
 
@@ -34,8 +34,11 @@ from .errors import GraniteError
 from .loading import load_model, resolve_model_path
 from .model import Model
 from .sampling import LogitsProcessor, Sampler, build_processors, build_sampler
-from .tokenizer import TokenizerWrapper, load_tokenizer
+from .tokenizer import load_tokenizer
 from .tool_calls import ParseUpdate, ToolCall, ToolCallParser
+
+if TYPE_CHECKING:
+    from mlx_lm.tokenizer_utils import TokenizerWrapper
 
 __all__ = [
     "GenerationError",

@@ -10,7 +10,6 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 
 import mlx.core as mx
-from mlx_lm.sample_utils import make_logits_processors, make_sampler
 
 from .errors import GraniteError
 
@@ -42,6 +41,8 @@ def build_sampler(
         raise SamplingError(f"top_k must be >= 0, got {top_k}")
     if not 0.0 <= min_p < 1.0:
         raise SamplingError(f"min_p must be in [0, 1), got {min_p}")
+    from mlx_lm.sample_utils import make_sampler  # mlx-lm imports transformers: only when used
+
     return make_sampler(temp=temperature, top_p=top_p, min_p=min_p, top_k=top_k)
 
 
@@ -55,6 +56,8 @@ def build_processors(
     if repetition_penalty is not None and repetition_penalty <= 0:
         raise SamplingError(f"repetition_penalty must be > 0, got {repetition_penalty}")
     if repetition_penalty is not None and repetition_penalty != 1.0:
+        from mlx_lm.sample_utils import make_logits_processors
+
         processors += make_logits_processors(
             repetition_penalty=repetition_penalty, repetition_context_size=repetition_context_size
         )

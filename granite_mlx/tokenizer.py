@@ -9,16 +9,15 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
-
-from mlx_lm import tokenizer_utils
-from mlx_lm.tokenizer_utils import TokenizerWrapper
+from typing import TYPE_CHECKING, Any
 
 from granite_mlx.errors import ConfigError, GraniteError
 
+if TYPE_CHECKING:  # mlx-lm imports transformers: pay for it only when a tokenizer is loaded
+    from mlx_lm.tokenizer_utils import TokenizerWrapper
+
 __all__ = [
     "TokenizerError",
-    "TokenizerWrapper",
     "load_tokenizer",
     "stop_token_ids",
 ]
@@ -118,6 +117,8 @@ def load_tokenizer(folder: Path | str) -> TokenizerWrapper:
         extra["chat_template"] = template_file.read_text(encoding="utf-8")
 
     # Some mlx-lm releases name this load_tokenizer; accept either.
+    from mlx_lm import tokenizer_utils
+
     loader = getattr(tokenizer_utils, "load", None) or tokenizer_utils.load_tokenizer
     try:
         wrapper = loader(folder, tokenizer_config_extra=extra, eos_token_ids=sorted(eos_ids))

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from mlx_lm.tokenizer_utils import TokenizerWrapper
 
 from granite_mlx.chat_format import (
     DEFAULT_SYSTEM_MESSAGE,
@@ -20,7 +21,7 @@ from granite_mlx.chat_format import (
     render_prompt,
 )
 from granite_mlx.errors import GraniteError
-from granite_mlx.tokenizer import TokenizerWrapper, load_tokenizer
+from granite_mlx.tokenizer import load_tokenizer
 
 FIXTURES = Path(__file__).parent / "fixtures"
 TOKENIZER_DIR = FIXTURES / "tokenizer"

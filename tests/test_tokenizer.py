@@ -7,9 +7,10 @@ import shutil
 from pathlib import Path
 
 import pytest
+from mlx_lm.tokenizer_utils import TokenizerWrapper
 
 from granite_mlx.errors import ConfigError, GraniteError
-from granite_mlx.tokenizer import TokenizerError, TokenizerWrapper, load_tokenizer, stop_token_ids
+from granite_mlx.tokenizer import TokenizerError, load_tokenizer, stop_token_ids
 
 FIXTURES = Path(__file__).parent / "fixtures"
 TOKENIZER_DIR = FIXTURES / "tokenizer"

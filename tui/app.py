@@ -10,6 +10,7 @@ state is in doubt (a failed answer, a retried turn) the app reopens the chat fro
 from __future__ import annotations
 
 import argparse
+import gc
 import itertools
 import shutil
 import sys
@@ -112,7 +113,7 @@ class GraniteChatApp(App[None]):
         Binding("escape", "stop", "Stop"),
         Binding("ctrl+n", "new_chat", "New chat"),
         Binding("ctrl+r", "regenerate", "Regenerate"),
-        Binding("ctrl+e", "edit_last", "Edit last"),
+        Binding("ctrl+up", "edit_last", "Edit last"),
         Binding("ctrl+s", "settings", "Settings"),
         Binding("ctrl+b", "toggle_sidebar", "Chats"),
     ]
@@ -259,9 +260,7 @@ class GraniteChatApp(App[None]):
         turn = self._current_turn(event.request_id)
         if turn is None:
             return
-        self.turn = None
         status = FINISH_STATUS[event.finish_reason]
-        await turn.view.finish(status, event.stats)
         tool_calls = event.history_tool_calls
         if tool_calls is None and turn.view.tool_calls:
             tool_calls = [{"name": c.name, "arguments": c.arguments} for c in turn.view.tool_calls]
@@ -272,24 +271,31 @@ class GraniteChatApp(App[None]):
             stats=asdict(event.stats) if event.stats else None,
             tool_calls=tool_calls,
         )
-        self._turn_ended()
-        await self.refresh_chat_list()
+        try:
+            await turn.view.finish(status, event.stats)
+            await self.refresh_chat_list()  # its order follows the latest answer
+        finally:
+            self._turn_ended()
 
     async def _on_error(self, event: Error) -> None:
         turn = self._current_turn(event.request_id)
         if turn is None:
             self.notify(event.message, title="Engine error", severity="error", timeout=10)
             return
-        self.turn = None
-        await turn.view.finish("error", error=event.message)
         self.store.update_message(
             turn.message_id, content=turn.view.content, status="error", error=event.message
         )
-        self._turn_ended()
         self._reopen_in_engine()  # the failed turn is left out of the model's history
+        try:
+            await turn.view.finish("error", error=event.message)
+        finally:
+            self._turn_ended()
 
     def _turn_ended(self) -> None:
-        self.sub_title = self.model_name if self.model_state == "ready" else self.sub_title
+        """The answer is saved and shown: the app takes new requests again."""
+        self.turn = None
+        if self.model_state == "ready":
+            self.sub_title = self.model_name
         self.refresh_bindings()
 
     def _reopen_in_engine(self) -> None:
@@ -350,8 +356,8 @@ class GraniteChatApp(App[None]):
         assert self.chat is not None
         row = self.store.add_message(self.chat.id, "assistant", "", status="streaming")
         view = MessageView("assistant", status="streaming", message_id=row.id)
-        await self._mount(view)
         self.turn = StreamingTurn(request.request_id, row.id, view, time.monotonic())
+        await self._mount(view)
         self.conversation.anchor()  # a new answer: follow it again
         self.sub_title = f"{self.model_name} · answering (Esc stops)"
         self.refresh_bindings()
@@ -573,7 +579,7 @@ class GraniteChatApp(App[None]):
             "Regenerate", "Answer the last message again (ctrl+r)", self.action_regenerate
         )
         yield SystemCommand(
-            "Edit last message", "Change it and answer again (ctrl+e)", self.action_edit_last
+            "Edit last message", "Change it and answer again (ctrl+up)", self.action_edit_last
         )
         yield SystemCommand(
             "Export to Markdown", "Write this chat to a .md file", self.action_export
@@ -615,9 +621,24 @@ class GraniteChatApp(App[None]):
         self.store.close()
 
 
+def tune_gc_for_streaming() -> None:
+    """Keep garbage collection from stalling key presses while an answer streams.
+
+    Streaming allocates fast, and CPython's full collections walk every live object
+    (the library, huggingface_hub, Textual, the widget tree): 100-400 ms each on a
+    small machine. Freezing what exists at start-up (it lives as long as the process)
+    and collecting less often keeps the worst key delay near the cost of one render.
+    Process-wide, so the command line does it, not the app.
+    """
+    gc.freeze()
+    gc.set_threshold(50_000, 20, 20)
+
+
 def build_parser() -> argparse.ArgumentParser:
+    # Named as the user typed it: `granite-chat` or `granite-mlx chat`.
+    prog = "granite-mlx chat" if Path(sys.argv[0]).name == "granite-mlx" else "granite-chat"
     parser = argparse.ArgumentParser(
-        prog="granite-chat", description="Chat with an IBM Granite 4.0 model in the terminal."
+        prog=prog, description="Chat with an IBM Granite 4.0 model in the terminal."
     )
     parser.add_argument(
         "--model",
@@ -657,6 +678,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except StoreError as exc:
         print(f"granite-chat: {exc}", file=sys.stderr)
         return 1
+    tune_gc_for_streaming()
     app.run()
     return 0
 

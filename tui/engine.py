@@ -45,7 +45,7 @@ from .protocol import (
 
 DEFAULT_MODEL = "ibm-granite/granite-4.0-h-350m"
 
-# Files a checkpoint needs; the Hub repo also holds READMEs and other formats.
+# Files a checkpoint needs (if the library does not say); the Hub repo also holds READMEs.
 _CHECKPOINT_FILES = ["*.json", "*.safetensors", "*.txt", "*.jinja", "*.model", "tokenizer*"]
 
 # Batch tokens into one event per interval: a fast model posting one message per token
@@ -90,13 +90,18 @@ def resolve_model(
     from huggingface_hub import snapshot_download
     from huggingface_hub.utils import GatedRepoError, RepositoryNotFoundError
 
+    try:  # the same files the library's own loader fetches
+        from granite_mlx.loading import HUB_FILES as patterns
+    except ImportError:
+        patterns = _CHECKPOINT_FILES
+
     # Cached: no network at all. Any failure here just means "download it".
     with contextlib.suppress(Exception):
-        return snapshot_download(model, allow_patterns=_CHECKPOINT_FILES, local_files_only=True)
+        return snapshot_download(model, allow_patterns=patterns, local_files_only=True)
     try:
         return snapshot_download(
             model,
-            allow_patterns=_CHECKPOINT_FILES,
+            allow_patterns=patterns,
             tqdm_class=_progress_bar_class(progress) if progress else None,
         )
     except GatedRepoError as exc:
@@ -152,8 +157,11 @@ def _same_history(a: list[dict[str, Any]], b: list[dict[str, Any]]) -> bool:
     return turns(a) == turns(b)
 
 
-def _system_of(messages: list[dict[str, Any]]) -> str | None:
-    for message in messages:
+def _system_of(session: Any) -> str | None:
+    """The session's system prompt: its ``system`` attribute, else a system message."""
+    if hasattr(session, "system"):
+        return session.system
+    for message in session.messages:
         if message.get("role") == "system":
             return message.get("content")
     return None
@@ -276,7 +284,7 @@ class EngineThread(threading.Thread):
                 saved = self._session_class.load(chat.session_path, self._model, self._tokenizer)
                 if _same_history(saved.messages, history):
                     session = saved
-                    if _system_of(saved.messages) != chat.system:
+                    if _system_of(saved) != chat.system:
                         session.set_system(chat.system)
             except Exception:  # noqa: BLE001 - stale or damaged file: prefill the history instead
                 session = None
@@ -293,9 +301,8 @@ class EngineThread(threading.Thread):
         with self._flags_lock:
             cancel = self._cancel_flags.setdefault(request_id, threading.Event())
         try:
-            if cancel.is_set():  # stopped before it started
-                self._emit(Done(request_id, None, "cancelled"))
-                return
+            # Even when Esc came before this answer started, the session runs it: it ends
+            # at once as "cancelled" and records the (empty) answer, as the app does.
             try:
                 session = self._ensure_session()
             except EngineNotReady as exc:
@@ -371,11 +378,10 @@ class RealEngine(EngineThread):
             self._emit(LoadProgress(description, completed, total))
 
         path = resolve_model(model, progress=report)
-        # Imported here, on the engine thread, so any stream the library makes at import
-        # time belongs to this thread.
-        from granite_mlx.session import ChatSession
-
+        # Imported here: only the real engine needs the generation layer, and everything
+        # it does with MLX from here on happens on this thread.
         from granite_mlx import load
+        from granite_mlx.session import ChatSession
 
         loaded_model, tokenizer = load(path)
         return loaded_model, tokenizer, ChatSession

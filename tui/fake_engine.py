@@ -84,13 +84,11 @@ class FakeSession:
         script: FakeScript | None = None,
     ) -> None:
         self.script = script or FakeScript()
+        self.system = system  # kept apart from the turns, as ChatSession does
         self.messages: list[dict[str, Any]] = []
-        self.set_system(system)
 
     def set_system(self, text: str | None) -> None:
-        self.messages = [m for m in self.messages if m["role"] != "system"]
-        if text:
-            self.messages.insert(0, {"role": "system", "content": text})
+        self.system = text
 
     def send(self, user_text: str, **opts: Any) -> Iterator[FakeResponse]:
         self.messages.append({"role": "user", "content": user_text})
@@ -163,12 +161,13 @@ class FakeSession:
         )
 
     def save(self, path: str | Path) -> None:
-        Path(path).write_text(json.dumps({"messages": self.messages}))
+        Path(path).write_text(json.dumps({"system": self.system, "messages": self.messages}))
 
     @classmethod
     def load(cls, path: str | Path, model: Any, tokenizer: Any) -> FakeSession:
-        session = cls(model, tokenizer)
-        session.messages = json.loads(Path(path).read_text())["messages"]
+        saved = json.loads(Path(path).read_text())
+        session = cls(model, tokenizer, system=saved["system"])
+        session.messages = saved["messages"]
         session.loaded_from = str(path)  # lets tests see that the saved file was used
         return session
 
@@ -176,8 +175,12 @@ class FakeSession:
     def from_messages(
         cls, model: Any, tokenizer: Any, messages: list[dict[str, Any]], system: str | None = None
     ) -> FakeSession:
+        history = [dict(m) for m in messages]
+        if history and history[0]["role"] == "system":
+            first = history.pop(0)
+            system = first["content"] if system is None else system
         session = cls(model, tokenizer, system=system)
-        session.messages += [dict(m) for m in messages if m["role"] != "system"]
+        session.messages = history
         return session
 
 

@@ -1,0 +1,134 @@
+"""Small helpers for driving the chat app with Textual's Pilot.
+
+Pilot's own ``press`` and ``pause`` wait until the process is idle, which never happens
+while the fake model streams; so while an answer streams these helpers send keys the way
+a terminal does (through the driver) and poll with plain asyncio sleeps.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+
+from granite_mlx.tui.app import GraniteChatApp
+from granite_mlx.tui.widgets import MessageView
+from textual import events
+from textual.pilot import Pilot
+from textual.widgets import Input, TextArea
+
+KEY_NAMES = {" ": "space", "\n": "ctrl+j", "?": "question_mark", ".": "full_stop"}
+
+
+async def wait_for(
+    pilot: Pilot, predicate: Callable[[], bool], timeout: float = 10.0, what: str = ""
+) -> None:
+    """Let the app run until ``predicate()`` holds; fail after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what or predicate}")
+        await asyncio.sleep(0.01)
+
+
+async def wait_ready(pilot: Pilot) -> None:
+    app = pilot.app
+    assert isinstance(app, GraniteChatApp)
+    await wait_for(pilot, lambda: app.model_state != "loading", what="the model to load")
+
+
+KEY_CHARACTERS = {"enter": "\r", "escape": "\x1b"}
+
+
+async def key(pilot: Pilot, name: str) -> None:
+    """Send one key as terminal input would, without waiting for the app to go idle."""
+    driver = pilot.app._driver
+    assert driver is not None
+    character = KEY_CHARACTERS.get(name, name if len(name) == 1 else None)
+    driver.send_message(events.Key(name, character))
+    await asyncio.sleep(0.02)
+
+
+async def type_text(pilot: Pilot, text: str) -> None:
+    await pilot.press(*(KEY_NAMES.get(ch, ch) for ch in text))
+
+
+async def send(pilot: Pilot, text: str, wait: bool = True, typed: bool = False) -> None:
+    """Put a message in the prompt (typed key by key if asked), press Enter, and (by
+    default) wait for the whole answer. Typing is slow in Pilot, so most tests paste."""
+    app = pilot.app
+    assert isinstance(app, GraniteChatApp)
+    app.prompt.focus()
+    before = len(views(app))
+    if typed:
+        await type_text(pilot, text)
+    else:
+        app.prompt.load_text(text)
+    await key(pilot, "enter")
+    if app.model_state == "failed":
+        return  # refused; the caller checks that
+    await wait_for(pilot, lambda: len(views(app)) >= before + 2, what="the answer to start")
+    if wait:
+        await wait_answer(pilot)
+
+
+async def wait_answer(pilot: Pilot, timeout: float = 10.0) -> None:
+    app = pilot.app
+    assert isinstance(app, GraniteChatApp)
+    await wait_for(
+        pilot,
+        lambda: app.turn is None and views(app)[-1].status != "streaming",
+        timeout,
+        what="the answer to finish",
+    )
+    await pilot.pause()  # let the layout settle (e.g. the refreshed chat list) before clicks
+
+
+def views(app: GraniteChatApp) -> list[MessageView]:
+    return list(app.conversation.query(MessageView))
+
+
+def footer_text(view: MessageView) -> str:
+    return str(view.query_one(".footer").render())
+
+
+def stop_blinking(app: GraniteChatApp) -> None:
+    """Cursors blink on a timer; a snapshot must not depend on when it is taken."""
+    for widget in app.screen.query("TextArea, Input"):
+        if isinstance(widget, (TextArea, Input)):
+            widget.cursor_blink = False
+
+
+async def worst_key_delay(
+    pilot: Pilot, presses: int = 40, gap: float = 0.01, delays: list[float] | None = None
+) -> float:
+    """Press keys into the prompt the way a terminal does and return the worst delay.
+
+    Each key goes through the driver like real input; the delay is the time until the
+    prompt's text shows it, so it includes whatever the app was busy with (rendering
+    the streaming answer, database writes) when the key arrived.
+    """
+    app = pilot.app
+    assert isinstance(app, GraniteChatApp)
+    prompt = app.prompt
+    prompt.focus()
+    await asyncio.sleep(0.05)
+    driver = app._driver
+    assert driver is not None
+    worst = 0.0
+    for n in range(presses):
+        before = len(prompt.text)
+        key = "abcdefghijklmnopqrstuvwxyz"[n % 26]
+        started = time.perf_counter()
+        driver.send_message(events.Key(key, key))
+        deadline = started + 5.0
+        while len(prompt.text) == before:
+            if time.perf_counter() > deadline:
+                raise AssertionError("a key press was not handled within 5 s")
+            await asyncio.sleep(0.0005)
+        delay = time.perf_counter() - started
+        worst = max(worst, delay)
+        if delays is not None:
+            delays.append(delay)
+        await asyncio.sleep(gap)
+    return worst
