@@ -238,10 +238,14 @@ def decode_step_reference(
         conv = conv + conv_bias.astype(mx.float32)
     conv = silu_f32(conv)
     x, B, C = mx.split(conv, [h * p, h * p + g * n], axis=-1)
-    dt = discretize_dt(dt, dt_bias, time_step_limit).reshape(b, g, h // g, 1, 1)
+    dt = discretize_dt(dt, dt_bias, time_step_limit)  # (b,h)
+    # exp at (b, h), before the reshape: fused into the state update, a compiled
+    # kernel would take it once per state element (p * n times too many).
+    decay = mx.exp(dt * A).reshape(b, g, h // g, 1, 1)
+    dt = dt.reshape(b, g, h // g, 1, 1)
     x = x.reshape(b, g, h // g, p, 1)
     s = state.reshape(b, g, h // g, p, n)
-    s = s * mx.exp(dt * A.reshape(g, h // g, 1, 1)) + (dt * x) * B.reshape(b, g, 1, 1, n)
+    s = s * decay + (dt * x) * B.reshape(b, g, 1, 1, n)
     y = (s * C.reshape(b, g, 1, 1, n)).sum(axis=-1, keepdims=True) + D.astype(mx.float32).reshape(
         g, h // g, 1, 1
     ) * x  # (b,g,h/g,p,1)
