@@ -89,16 +89,18 @@ def build_models(args) -> tuple[Model, object]:
 
 
 def _overrides(args) -> dict:
+    """Keep only `args.layers` layers, attention spread as in the full shape (at
+    least one attention layer when the shape has any)."""
     if not args.layers:
         return {}
     from .shapes import SHAPES
 
     kinds = SHAPES[args.shape]["layer_types"]
-    every = max(1, round(len(kinds) / max(1, kinds.count("attention")))) if "mamba" in kinds else 0
-    layer_types = [
-        "attention" if kinds[0] == "attention" or (every and i % every == every // 2) else "mamba"
-        for i in range(args.layers)
-    ]
+    n_att = kinds.count("attention")
+    if n_att:
+        n_att = max(1, round(args.layers * n_att / len(kinds)))
+    at = {int((j + 0.5) * args.layers / n_att) for j in range(n_att)} if n_att else set()
+    layer_types = ["attention" if i in at else "mamba" for i in range(args.layers)]
     return {"num_hidden_layers": args.layers, "layer_types": layer_types}
 
 

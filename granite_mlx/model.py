@@ -213,7 +213,7 @@ class Attention(nn.Module):
         return self.o_proj(o.reshape(b, -1))
 
 
-KEY_BLOCK = 1024
+KEY_BLOCK = 512
 
 
 def _blocked_attention_pays(q: mx.array, k: mx.array, mask) -> bool:
@@ -251,6 +251,9 @@ def blocked_causal_attention(q: mx.array, k: mx.array, v: mx.array, scale: float
         total = total * correction + p.sum(axis=-1, keepdims=True)
         acc = acc * correction + p @ vb
         m = m_new
+        # One block's scores at a time: left lazy, the graph may hold several.
+        # (This path runs in prefill only, never inside the compiled decode step.)
+        mx.eval(m, total, acc)
     return (acc / total).reshape(b, nh, l, -1).astype(v.dtype)
 
 
