@@ -198,7 +198,7 @@ def study(name, weights, args, sequences, classes: bool = True) -> dict:
 
 
 def _mb(n: int) -> str:
-    return f"{n / 1e6:.3g}"
+    return f"{n / 1e6:,.0f}" if n >= 1e8 else f"{n / 1e6:.3g}"
 
 
 def report(r: dict) -> str:

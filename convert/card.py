@@ -106,14 +106,17 @@ def model_card(
         lines += [f"| {cls} | {what} |" for cls, what in recipe_rows.items()]
         lines += ["", "Norms, conv1d, A_log, D and dt_bias are never quantized."]
     if quality is not None:
+        how = quality.compute_dtype  # "as stored", or a dtype both models were cast to
+        if how != "as stored":
+            how = f"in {how}"
         lines += [
             "",
             "## Quality against the source",
             "",
             (
-                f"Measured at conversion time on {quality.note}: per-token KL divergence "
-                "(source || converted, nats), top-1 agreement of the next-token argmax, and "
-                "perplexity on the inputs' next tokens."
+                f"Measured at conversion time on {quality.note}, both models computed {how}"
+                ": per-token KL divergence (source || converted, nats), top-1 agreement of the "
+                "next-token argmax, and perplexity on the inputs' next tokens."
             ),
             "",
             quality.table(),

@@ -251,6 +251,7 @@ def test_interrupted_conversion_leaves_no_finished_folder(tmp_path, existing):
     else:
         assert visible == []
     assert staging_dirs(tmp_path)  # hidden, and named as partial
+    assert not list(tmp_path.glob(".out.partial-*/*.index.json"))  # killed before the end
     run(src, out, q_bits=4, force=True)
     assert config_of(out)["quantization"]["bits"] == 4
     assert staging_dirs(tmp_path) == []  # the killed process's staging folder is cleaned up
