@@ -116,9 +116,6 @@ class MambaCache:
     def restore(self, snap: tuple) -> None:
         self.conv_state, self.ssm_state, self.offset = snap
 
-    def trim(self, n: int) -> int:
-        return 0  # a recurrent state cannot be rewound; use snapshots
-
     @property
     def arrays(self) -> dict[str, mx.array]:
         out = {}

@@ -20,6 +20,7 @@ Head h reads group h // (h / g) of B and C.
 from __future__ import annotations
 
 import mlx.core as mx
+from mlx import nn
 
 
 def softplus(x: mx.array) -> mx.array:
@@ -236,7 +237,7 @@ def decode_step_reference(
     conv = (window.astype(mx.float32) * conv_weight.T.astype(mx.float32)).sum(axis=1, keepdims=True)
     if conv_bias is not None:
         conv = conv + conv_bias.astype(mx.float32)
-    conv = silu_f32(conv)
+    conv = nn.silu(conv)
     x, B, C = mx.split(conv, [h * p, h * p + g * n], axis=-1)
     dt = discretize_dt(dt, dt_bias, time_step_limit)  # (b,h)
     # exp at (b, h), before the reshape: fused into the state update, a compiled
@@ -250,10 +251,6 @@ def decode_step_reference(
         g, h // g, 1, 1
     ) * x  # (b,g,h/g,p,1)
     return y.reshape(b, h, p), window[:, 1:], s.reshape(b, h, p, n)
-
-
-def silu_f32(x: mx.array) -> mx.array:
-    return x * mx.sigmoid(x)
 
 
 def decode_step(

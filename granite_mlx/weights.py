@@ -74,26 +74,26 @@ def to_mlx_lm_layout(weights: dict[str, mx.array], args: ModelArgs) -> dict[str,
         if name.endswith("conv1d.weight") and w.ndim == 2:
             out[name] = w[:, :, None]  # (C,K) -> (C,K,1)
             continue
-        m = re.match(r"^(model\.layers\.\d+)\.(shared_mlp|block_sparse_moe)\.(input_linear|output_linear)\.(\w+)$", name)
-        if m is None or (m.group(2) == "shared_mlp" and args.use_moe):
-            out[name] = w  # mlx-lm keeps shared_mlp's names when the model has experts
-            continue
-        layer, block, which, suffix = m.groups()
-        prefix = f"{layer}.mlp" if block == "shared_mlp" else f"{layer}.block_sparse_moe.switch_mlp"
-        if which == "output_linear":
-            out[f"{prefix}.down_proj.{suffix}"] = w
-        else:
-            gate, up = mx.split(w, 2, axis=0 if block == "shared_mlp" else 1)
-            out[f"{prefix}.gate_proj.{suffix}"] = gate
-            out[f"{prefix}.up_proj.{suffix}"] = up
+        module, _, suffix = name.rpartition(".")
+        targets = mlx_lm_module_paths(module, args)
+        # input_linear holds mlx-lm's gate and up stacked on the output axis, which
+        # is axis -2 for plain (out, in) and expert (E, out, in) tensors alike.
+        parts = mx.split(w, 2, axis=-2) if len(targets) == 2 else [w]
+        for target, part in zip(targets, parts):
+            out[f"{target}.{suffix}"] = part
     return out
+
+
+_OUR_MLP = re.compile(
+    r"^(model\.layers\.\d+)\.(shared_mlp|block_sparse_moe)\.(input_linear|output_linear)$"
+)
 
 
 def mlx_lm_module_paths(path: str, args: ModelArgs) -> list[str]:
     """The mlx-lm module path(s) that hold what our module `path` holds."""
-    m = re.match(r"^(model\.layers\.\d+)\.(shared_mlp|block_sparse_moe)\.(input_linear|output_linear)$", path)
+    m = _OUR_MLP.match(path)
     if m is None or (m.group(2) == "shared_mlp" and args.use_moe):
-        return [path]
+        return [path]  # mlx-lm keeps shared_mlp's names when the model has experts
     layer, block, which = m.groups()
     prefix = f"{layer}.mlp" if block == "shared_mlp" else f"{layer}.block_sparse_moe.switch_mlp"
     if which == "output_linear":
