@@ -1,7 +1,7 @@
 """Prefill time against the model's arithmetic, and peak memory, from 2K to 16K.
 
     python benchmarks/prefill_scaling.py --shape h-350m --layers 8 \
-        --lengths 2048,4096,8192,16384 [--step 512] [--json out.json]
+        --lengths 2048,4096,8192,16384 [--step N] [--json out.json]
 
 For each length: wall time of a chunked prefill (as stream_generate runs it), the
 FLOP count of the same work (matrix products, causal attention, the SSD scan),
@@ -21,7 +21,7 @@ from mlx.utils import tree_flatten
 
 from granite_mlx.bench import _overrides
 from granite_mlx.cache import eval_cache
-from granite_mlx.generate import prefill
+from granite_mlx.generate import default_prefill_step_size, prefill
 from granite_mlx.shapes import random_model
 
 
@@ -61,9 +61,10 @@ def main() -> None:
     ap.add_argument("--shape", default="h-350m")
     ap.add_argument("--layers", type=int, default=8)
     ap.add_argument("--lengths", default="2048,4096,8192,16384")
-    ap.add_argument("--step", type=int, default=512)
+    ap.add_argument("--step", type=int, default=None, help="default: the device's prefill step")
     ap.add_argument("--json")
     a = ap.parse_args()
+    a.step = a.step or default_prefill_step_size()
     ns = argparse.Namespace(shape=a.shape, layers=a.layers)
     model = random_model(a.shape, dtype=mx.bfloat16, **_overrides(ns))
     args = model.args

@@ -53,7 +53,7 @@ def stream_batch_generate(
     repetition_context_size: int = 20,
     seed: int | None = None,
     stop: str | Sequence[str] | None = None,
-    prefill_step_size: int = DEFAULT_PREFILL_STEP_SIZE,
+    prefill_step_size: int | None = DEFAULT_PREFILL_STEP_SIZE,
     prompt_progress: Callable[[int, int], None] | None = None,
     cancel: threading.Event | None = None,
     allow_long_prompt: bool = False,

@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 
 import mlx.core as mx
 
-from .cache import Cache, cache_length, eval_cache
+from .cache import Cache, KVCache, cache_length, eval_cache
 from .chat_format import encode_prompt
 from .errors import GraniteError
 from .loading import load_model, resolve_model_path
@@ -56,7 +56,17 @@ __all__ = [
 Prompt = str | Sequence[int] | Sequence[Mapping[str, Any]] | mx.array
 
 DEFAULT_MAX_TOKENS = 256
-DEFAULT_PREFILL_STEP_SIZE = 2048
+DEFAULT_PREFILL_STEP_SIZE = None  # per device: see default_prefill_step_size()
+GPU_PREFILL_STEP_SIZE = 2048
+# On the CPU throughput is flat from 128 to 2048 tokens a step (the products are
+# already large), while each step's working memory grows with it: 4-layer H-350M,
+# 2K prompt, excess over weights + KV 14% at 256, 21% at 512, 176% at 2048
+# (benchmarks/prefill_scaling.py). So the CPU takes small steps.
+CPU_PREFILL_STEP_SIZE = 256
+
+
+def default_prefill_step_size() -> int:
+    return CPU_PREFILL_STEP_SIZE if mx.default_device() == mx.cpu else GPU_PREFILL_STEP_SIZE
 
 
 class GenerationError(GraniteError, ValueError):
@@ -281,7 +291,7 @@ def prefill(
     model: Model,
     cache: Cache,
     tokens: mx.array,
-    step_size: int,
+    step_size: int | None,
     progress: Callable[[int, int], None],
     cancel: threading.Event | None,
 ) -> bool:
@@ -290,7 +300,9 @@ def prefill(
     The last column is left for the first decode step, whose logits give the
     first token: the prompt's own logits are never computed.
     """
+    step_size = step_size or default_prefill_step_size()
     total = tokens.shape[1]
+    start = cache_length(cache)
     done = 0
     progress(0, total)
     while total - done > 1:
@@ -299,6 +311,11 @@ def prefill(
         n = min(step_size, total - 1 - done)
         model(tokens[:, done : done + n], cache)  # logits unused: never evaluated
         eval_cache(cache)  # bound the graph (and memory) to one chunk
+        # Room for the whole prompt at once: growing the KV cache chunk by chunk
+        # would copy it each time, old and new copies alive together.
+        for c in cache:
+            if isinstance(c, KVCache):
+                c.reserve(start + total)
         done += n
         progress(done, total)
         mx.clear_cache()
@@ -344,12 +361,12 @@ def stop_list(stop: str | Sequence[str] | None) -> list[str]:
     return [stop] if isinstance(stop, str) else list(stop)
 
 
-def check_options(max_tokens: int | None, prefill_step_size: int) -> None:
+def check_options(max_tokens: int | None, prefill_step_size: int | None) -> None:
     if max_tokens is not None and max_tokens < 1:
         raise GenerationError(
             f"max_tokens must be at least 1 (or None for no limit), got {max_tokens}"
         )
-    if prefill_step_size < 1:
+    if prefill_step_size is not None and prefill_step_size < 1:
         raise GenerationError(f"prefill_step_size must be at least 1, got {prefill_step_size}")
 
 
@@ -368,7 +385,7 @@ def stream_from_ids(
     repetition_context_size: int = 20,
     seed: int | None = None,
     stop: str | Sequence[str] | None = None,
-    prefill_step_size: int = DEFAULT_PREFILL_STEP_SIZE,
+    prefill_step_size: int | None = DEFAULT_PREFILL_STEP_SIZE,
     prompt_progress: Callable[[int, int], None] | None = None,
     cancel: threading.Event | None = None,
     allow_long_prompt: bool = False,
@@ -468,7 +485,7 @@ def stream_generate(
     repetition_context_size: int = 20,
     seed: int | None = None,
     stop: str | Sequence[str] | None = None,
-    prefill_step_size: int = DEFAULT_PREFILL_STEP_SIZE,
+    prefill_step_size: int | None = DEFAULT_PREFILL_STEP_SIZE,
     prompt_progress: Callable[[int, int], None] | None = None,
     cancel: threading.Event | None = None,
     allow_long_prompt: bool = False,
@@ -490,7 +507,8 @@ def stream_generate(
             the last tokens.
         seed: reseed MLX's generator first; the same seed gives the same answer.
         stop: strings that end the answer; they are not part of the text.
-        prefill_step_size: prompt tokens per model call while prefilling.
+        prefill_step_size: prompt tokens per model call while prefilling (default
+            2048 on a GPU, 256 on the CPU, where larger steps only cost memory).
         prompt_progress: called as ``prompt_progress(processed, total)``.
         cancel: a ``threading.Event``; once set, generation ends within one
             token with a final response whose finish_reason is "cancelled".

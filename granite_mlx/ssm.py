@@ -178,15 +178,36 @@ def selective_scan(
     on the CPU 64 is both faster and lighter than the checkpoints' 256 (measured:
     0.30 s and 46 MiB against 0.53 s and 79 MiB for 512 tokens of H-350M's
     mixer); on a GPU the checkpoint's own is kept.
+
+    On the CPU the tokens also go through in segments of CPU_SCAN_SEGMENT, each
+    evaluated before the next starts: the scan's float32 intermediates are then
+    bounded by one segment, not the whole prefill step (H-350M's mixer, 512
+    tokens: 50 MiB in one piece, 17 MiB in segments of 128, same time). Left
+    lazy, the segments' graphs are evaluated together and the saving is lost.
+    (Prefill only: the compiled decode step never comes here.)
+
     No prefill kernel is used: a fused scan kernel is only worth keeping where it
     beats this pure-MLX chunked scan, which could not be measured on a GPU here.
     """
-    if mx.default_device() == mx.cpu:
-        chunk_size = min(chunk_size, CPU_SCAN_CHUNK)
-    return ssd_chunked_scan(x, dt, A, B, C, D, chunk_size, initial_state)
+    if mx.default_device() != mx.cpu:
+        return ssd_chunked_scan(x, dt, A, B, C, D, chunk_size, initial_state)
+    chunk_size = min(chunk_size, CPU_SCAN_CHUNK)
+    l = x.shape[1]
+    if l <= CPU_SCAN_SEGMENT:
+        return ssd_chunked_scan(x, dt, A, B, C, D, chunk_size, initial_state)
+    ys, state = [], initial_state
+    for s in range(0, l, CPU_SCAN_SEGMENT):
+        part = slice(s, s + CPU_SCAN_SEGMENT)
+        y, state = ssd_chunked_scan(
+            x[:, part], dt[:, part], A, B[:, part], C[:, part], D, chunk_size, state
+        )
+        mx.eval(y, state)
+        ys.append(y)
+    return mx.concatenate(ys, axis=1), state
 
 
 CPU_SCAN_CHUNK = 64
+CPU_SCAN_SEGMENT = 128
 
 
 def depthwise_causal_conv(window: mx.array, weight: mx.array, bias: mx.array | None) -> mx.array:

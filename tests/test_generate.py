@@ -360,3 +360,30 @@ def test_eos_comes_from_the_tokenizer():
     assert responses[-1].finish_reason == "stop"
     before = generate(model, tiny("hybrid_nope")[1], ref["prompt_ids"], max_tokens=first_new)
     assert "".join(r.text for r in responses) == before
+
+
+def test_prefill_reserves_the_kv_cache_once():
+    """The KV buffers are sized for the whole prompt after the first chunk, so a
+    long prefill never copies them (old and new alive together) as it goes."""
+    from granite_mlx.cache import KVCache
+    from granite_mlx.generate import default_prefill_step_size, prefill
+    from granite_mlx.shapes import random_model
+
+    model = random_model("1b", dtype=mx.float32, hidden_size=32, num_attention_heads=2,
+                         num_key_value_heads=1, shared_intermediate_size=48, vocab_size=100,
+                         num_hidden_layers=1, layer_types=["attention"])  # fmt: skip
+    cache = model.make_cache()
+    kv = cache[0]
+    assert isinstance(kv, KVCache)
+    capacities = []
+
+    def progress(done, total):
+        if done:
+            capacities.append(kv.keys.shape[2])
+
+    tokens = mx.random.randint(0, 100, (1, 700), key=mx.random.key(1))
+    prefill(model, cache, tokens, 64, progress, None)
+    assert kv.offset == 699 and capacities[0] >= 700 and len(set(capacities)) == 1
+    assert mx.default_device() != mx.cpu or default_prefill_step_size() == 256
+    full = model(tokens)[:, -1]
+    assert mx.allclose(model(tokens[:, -1:], cache)[:, -1], full, atol=1e-4)

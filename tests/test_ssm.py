@@ -82,3 +82,15 @@ def test_decode_step_equals_prefill_conv_and_scan():
 def test_dt_clamp():
     dt = ssm.discretize_dt(mx.array([[-30.0, 0.0, 30.0]]), mx.zeros((3,)), (0.01, 1.0))
     assert dt.tolist()[0] == pytest.approx([0.01, 0.6931472, 1.0], rel=1e-6)
+
+
+@pytest.mark.parametrize("l", [8, 9, 37])
+def test_segmented_cpu_scan_equals_sequential(monkeypatch, l):
+    """On the CPU `selective_scan` runs long inputs in evaluated segments (to bound
+    memory); the state must carry across segment edges exactly."""
+    monkeypatch.setattr(ssm, "CPU_SCAN_SEGMENT", 8)
+    x, dt, A, B, C, D, s0 = random_inputs(1, l, 4, 8, 2, 16, seed=l)
+    for init in (None, s0):
+        y1, f1 = ssm.selective_scan(x, dt, A, B, C, D, 4, init)
+        y2, f2 = ssm.sequential_scan(x, dt, A, B, C, D, init)
+        assert y1.shape == y2.shape and close(y1, y2) and close(f1, f2)
