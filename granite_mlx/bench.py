@@ -244,70 +244,85 @@ class _FreeProduct(nn.Module):
 
 
 @contextlib.contextmanager
-def _products_removed(model: Model):
-    """Every Linear / QuantizedLinear and the head replaced by a `_FreeProduct`, and
-    a fresh compiled step traced for that; all restored on leaving."""
-    dtype = model.model.norm.weight.dtype
+def _products_removed(model, stash: dict):
+    """Every Linear / QuantizedLinear, and a tied head, replaced by a `_FreeProduct`;
+    all restored on leaving. Works on our model and on mlx-lm's alike. Our compiled
+    step is traced anew for the stand-ins, once: `stash` keeps it between entries."""
+    dtype = next(v for k, v in tree_flatten(model.parameters()) if k.endswith("norm.weight")).dtype
     originals = [(p, m) for p, m in model.named_modules() if isinstance(m, PRODUCTS)]
     model.update_modules(tree_unflatten([(p, _FreeProduct(m.weight.shape[0], dtype)) for p, m in originals]))
-    head = _FreeProduct(model.args.vocab_size, dtype)
-    object.__setattr__(model, "logits", head)
-    decoder, model._decoder = model._decoder, None
+    embedding = model.model.embed_tokens
+    object.__setattr__(embedding, "as_linear", _FreeProduct(embedding.weight.shape[0], dtype))
+    compiled = "_decoder" in model.__dict__
+    if compiled:
+        real, model._decoder = model._decoder, stash.get("decoder")
     try:
         yield
     finally:
-        object.__delattr__(model, "logits")
+        if compiled:
+            stash["decoder"], model._decoder = model._decoder, real
+        object.__delattr__(embedding, "as_linear")
         model.update_modules(tree_unflatten(originals))
-        model._decoder = decoder
 
 
 PRODUCTS = (nn.Linear, nn.QuantizedLinear)
 
 
-def matmul_share(model: Model, repeats: int = 30) -> dict:
-    """The decode step's time, split: the whole step; the same step with every matrix
-    product (Linear, head) replaced by a free stand-in, i.e. everything else; and the
-    products alone at their decode shapes. The three are timed in turn, `repeats`
-    times, so machine load hits them alike; medians. The share outside products is
-    rest / step (measured directly, not as a small difference of two large times);
-    products + rest ~= step is the cross-check."""
+def matmul_share(model, make_cache: Callable | None = None, repeats: int = 30, rounds: int = 5) -> dict:
+    """A decode step's time split in two, measured directly: the whole step, and
+    the same step with every matrix product (Linear, head) replaced by a free
+    stand-in, i.e. everything else. The share outside products is rest / step (not
+    a small difference of two large times). The products alone at their decode
+    shapes are timed too, as a cross-check (products + rest ~= step).
+
+    Timed in `rounds` rounds of `repeats` / `rounds` runs of each, so machine load
+    hits all three alike; medians. Any model with `model.model.embed_tokens` and
+    Linear products: ours (compiled step) or mlx-lm's."""
+    make_cache = make_cache or model.make_cache
     tok = mx.array([[7]])
 
-    def stepper(cache, decode: Callable = model):
+    def stepper(cache):
         def step():
-            mx.eval(decode(tok, cache))
+            mx.eval(model(tok, cache))
             for c in cache:  # keep the context length fixed
-                c.offset -= 1
+                if hasattr(c, "offset"):
+                    c.offset -= 1
 
         return step
 
-    cache = _primed(model, model.make_cache)
-    stepper(cache)()  # traces the real compiled step...
-    step = stepper(cache, model._decoder)  # ...held here, it runs the real modules in the `with`
+    step = stepper(_primed(model, make_cache))
+    rest = stepper(_primed(model, make_cache))
     products = [m for _, m in model.named_modules() if isinstance(m, PRODUCTS)]
-    dtype = model.model.norm.weight.dtype
+    dtype = model.model.embed_tokens.weight.dtype
     x_for = {id(m): mx.random.normal((1, 1, m.weight.shape[1] * (32 // getattr(m, "bits", 32))))
              .astype(dtype) for m in products}  # fmt: skip
     hx = mx.random.normal((1, model.args.hidden_size)).astype(dtype)
     mx.eval(list(x_for.values()), hx)
-    head = model.logits  # bound now: inside _products_removed the name is a stand-in
+    tied = not any(p == "lm_head" for p, _ in model.named_modules())
+    head = model.model.embed_tokens.as_linear
 
     def only_products():
         outs = [m(x_for[id(m)]) for m in products]
-        outs.append(head(hx))
+        if tied:
+            outs.append(head(hx))
         mx.eval(outs)
 
-    with _products_removed(model):
-        rest = stepper(_primed(model, model.make_cache))
-        times: dict[str, list[float]] = {"step": [], "rest": [], "products": []}
-        fns = {"step": step, "rest": rest, "products": only_products}
-        for fn in fns.values():
+    times: dict[str, list[float]] = {"step": [], "rest": [], "products": []}
+    stash: dict = {}
+
+    def timed(name, fn, n):
+        fn()  # warm (and, the first time, trace and compile)
+        for _ in range(n):
+            t0 = time.perf_counter()
             fn()
-        for _ in range(repeats):
-            for name, fn in fns.items():
-                t0 = time.perf_counter()
-                fn()
-                times[name].append(time.perf_counter() - t0)
+            times[name].append(time.perf_counter() - t0)
+
+    per_round = max(1, repeats // rounds)
+    for _ in range(rounds):
+        timed("step", step, per_round)
+        timed("products", only_products, per_round)
+        with _products_removed(model, stash):
+            timed("rest", rest, per_round)
     t = {k: statistics.median(v) for k, v in times.items()}
     return {"step_ms": t["step"] * 1e3, "outside_matmul_ms": t["rest"] * 1e3,
             "matmul_ms": t["products"] * 1e3, "outside_matmul_share": t["rest"] / t["step"]}  # fmt: skip
@@ -329,6 +344,7 @@ def profile(ours: Model, theirs) -> dict:
             "ratio": ours_graph / theirs_graph,
         },
         "decode_step_breakdown": matmul_share(ours),
+        "mlx_lm_decode_step_breakdown": matmul_share(theirs),
     }  # fmt: skip
 
 
@@ -354,6 +370,10 @@ def print_table(result: dict) -> None:
         print(f"decode step {b['step_ms']:.1f} ms: without its matrix products "
               f"{b['outside_matmul_ms']:.1f} ms ({100 * b['outside_matmul_share']:.1f}%), "
               f"the products alone {b['matmul_ms']:.1f} ms")
+        b = p.get("mlx_lm_decode_step_breakdown")
+        if b:
+            print(f"mlx-lm decode step {b['step_ms']:.1f} ms: without its matrix products "
+                  f"{b['outside_matmul_ms']:.1f} ms ({100 * b['outside_matmul_share']:.1f}%)")
 
 
 def plot(result: dict, path: str) -> None:
@@ -376,7 +396,9 @@ def plot(result: dict, path: str) -> None:
         ax.set_xlabel("prompt length (tokens)")
         ax.set_title(title)
         ax.legend()
-    fig.suptitle(f"{result['model']} {result['dtype']} on {result['machine']['device']}")
+    m = result["machine"]
+    fig.suptitle(f"{result['model']} ({result['layers']} layers), {result['dtype']}, "
+                 f"{m['device']} {m['device_name'] or m['processor']}, mlx {m['mlx']}")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
 

@@ -49,7 +49,7 @@ def test_compiled_step_has_fewer_primitives(model):
 def test_decode_breakdown_restores_the_model(model):
     tokens = mx.array([[1, 2, 3]])
     before = model(tokens)
-    b = bench.matmul_share(model, repeats=2)
+    b = bench.matmul_share(model, repeats=2, rounds=2)
     assert b["step_ms"] > 0 and b["outside_matmul_ms"] > 0 and b["matmul_ms"] > 0
     assert 0 < b["outside_matmul_share"] == b["outside_matmul_ms"] / b["step_ms"]
     assert "logits" not in model.__dict__
@@ -66,3 +66,13 @@ def test_layer_subset_keeps_attention():
 
     o = bench._overrides(Namespace(shape="h-350m", layers=4))
     assert o["num_hidden_layers"] == 4 and o["layer_types"].count("attention") == 1
+
+
+def test_decode_breakdown_of_mlx_lm_restores_it(model):
+    pytest.importorskip("mlx_lm")
+    twin = bench.mlx_lm_twin(model)
+    tokens = mx.array([[1, 2, 3]])
+    before = twin(tokens)
+    b = bench.matmul_share(twin, twin.make_cache, repeats=2, rounds=2)
+    assert 0 < b["outside_matmul_share"]
+    assert mx.array_equal(twin(tokens), before)
