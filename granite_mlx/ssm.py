@@ -247,8 +247,11 @@ def decode_step_reference(
     xBC: (b, ch) new pre-conv input   conv_state: (b, k-1, ch)   conv_weight: (ch, k)
     dt: (b, h) raw   state: (b, h, p, n) float32
     Returns y (b, h, p) float32, the new conv state (b, k-1, ch), the new state.
-    Written as broadcasts over a (b, g, h/g, p, n) view, with no repeat of B and C:
-    every op here is a dispatch on a GPU.
+    Written as broadcasts over the state's own (b, h, p, n) layout, B and C
+    widened from groups to heads first (h * n elements, nothing next to the
+    state): measured inside the compiled H-350M step on the CPU, 1.2 ms (7%) less
+    time outside the matrix products than a (b, g, h/g, p, n) view of the state.
+    Every op here is a dispatch on a GPU.
     """
     b = xBC.shape[0]
     h, p, n = state.shape[1:]
@@ -261,17 +264,18 @@ def decode_step_reference(
     conv = nn.silu(conv)
     x, B, C = mx.split(conv, [h * p, h * p + g * n], axis=-1)
     dt = discretize_dt(dt, dt_bias, time_step_limit)  # (b,h)
-    # exp at (b, h), before the reshape: fused into the state update, a compiled
+    # exp at (b, h), before the broadcast: fused into the state update, a compiled
     # kernel would take it once per state element (p * n times too many).
-    decay = mx.exp(dt * A).reshape(b, g, h // g, 1, 1)
-    dt = dt.reshape(b, g, h // g, 1, 1)
-    x = x.reshape(b, g, h // g, p, 1)
-    s = state.reshape(b, g, h // g, p, n)
-    s = s * decay + (dt * x) * B.reshape(b, g, 1, 1, n)
-    y = (s * C.reshape(b, g, 1, 1, n)).sum(axis=-1, keepdims=True) + D.astype(mx.float32).reshape(
-        g, h // g, 1, 1
-    ) * x  # (b,g,h/g,p,1)
-    return y.reshape(b, h, p), window[:, 1:], s.reshape(b, h, p, n)
+    decay = mx.exp(dt * A).reshape(b, h, 1, 1)
+    if g == 1:
+        B, C = B.reshape(b, 1, 1, n), C.reshape(b, 1, 1, n)
+    else:  # head i reads group i // (h / g)
+        B, C = (mx.broadcast_to(t.reshape(b, g, 1, n), (b, g, h // g, n)).reshape(b, h, 1, n)
+                for t in (B, C))  # fmt: skip
+    x = x.reshape(b, h, p, 1)
+    s = state * decay + (dt.reshape(b, h, 1, 1) * x) * B  # (b,h,p,n)
+    y = (s * C).sum(axis=-1, keepdims=True) + D.astype(mx.float32).reshape(h, 1, 1) * x  # (b,h,p,1)
+    return y.reshape(b, h, p), window[:, 1:], s
 
 
 def decode_step(
