@@ -243,12 +243,21 @@ class _FreeProduct(nn.Module):
         return x[..., :1] * self.ones
 
 
+PRODUCTS = (nn.Linear, nn.QuantizedLinear)
+
+
+def _activation_dtype(model) -> mx.Dtype:
+    """The dtype activations run in: the final norm's (norms are never quantized,
+    while a quantized embedding's weight is uint32)."""
+    return model.model.norm.weight.dtype
+
+
 @contextlib.contextmanager
 def _products_removed(model, stash: dict):
     """Every Linear / QuantizedLinear, and a tied head, replaced by a `_FreeProduct`;
     all restored on leaving. Works on our model and on mlx-lm's alike. Our compiled
     step is traced anew for the stand-ins, once: `stash` keeps it between entries."""
-    dtype = next(v for k, v in tree_flatten(model.parameters()) if k.endswith("norm.weight")).dtype
+    dtype = _activation_dtype(model)
     originals = [(p, m) for p, m in model.named_modules() if isinstance(m, PRODUCTS)]
     model.update_modules(tree_unflatten([(p, _FreeProduct(m.weight.shape[0], dtype)) for p, m in originals]))
     embedding = model.model.embed_tokens
@@ -263,9 +272,6 @@ def _products_removed(model, stash: dict):
             stash["decoder"], model._decoder = model._decoder, real
         object.__delattr__(embedding, "as_linear")
         model.update_modules(tree_unflatten(originals))
-
-
-PRODUCTS = (nn.Linear, nn.QuantizedLinear)
 
 
 def matmul_share(model, make_cache: Callable | None = None, repeats: int = 30, rounds: int = 5) -> dict:
@@ -293,7 +299,7 @@ def matmul_share(model, make_cache: Callable | None = None, repeats: int = 30, r
     step = stepper(_primed(model, make_cache))
     rest = stepper(_primed(model, make_cache))
     products = [m for _, m in model.named_modules() if isinstance(m, PRODUCTS)]
-    dtype = model.model.embed_tokens.weight.dtype
+    dtype = _activation_dtype(model)
     x_for = {id(m): mx.random.normal((1, 1, m.weight.shape[1] * (32 // getattr(m, "bits", 32))))
              .astype(dtype) for m in products}  # fmt: skip
     hx = mx.random.normal((1, model.args.hidden_size)).astype(dtype)
