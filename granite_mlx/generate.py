@@ -60,8 +60,9 @@ DEFAULT_PREFILL_STEP_SIZE = None  # per device: see default_prefill_step_size()
 GPU_PREFILL_STEP_SIZE = 2048
 # On the CPU throughput is flat from 128 to 2048 tokens a step (the products are
 # already large), while each step's working memory grows with it: 4-layer H-350M,
-# 2K prompt, 95-103 tok/s throughout, excess over weights + KV 12.5% at 128,
-# 14% at 256, 21% at 512, 40% at 1024, 78% at 2048. So the CPU takes small steps.
+# 2K prompt, 91-102 tok/s throughout, excess over weights + KV 12% at 128,
+# 14% at 256, 21% at 512, 40% at 1024, 76% at 2048 (benchmarks/results/
+# prefill_step_sweep_cpu.log). So the CPU takes small steps.
 CPU_PREFILL_STEP_SIZE = 256
 
 
