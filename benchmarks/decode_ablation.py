@@ -25,7 +25,7 @@ REFERENCE = ssm.decode_step_reference
 
 
 def no_readout(xBC, conv_state, *rest):
-    y, window, s = REFERENCE(xBC, conv_state, *rest)
+    _, window, s = REFERENCE(xBC, conv_state, *rest)
     state = rest[6]
     return state[..., 0] * 1.0, window, s  # y stands in, read off the old state's edge
 
