@@ -21,7 +21,7 @@ from mlx.utils import tree_flatten
 
 from granite_mlx.bench import _overrides
 from granite_mlx.cache import eval_cache
-from granite_mlx.generate import default_prefill_step_size, prefill
+from granite_mlx.engine import default_prefill_step_size, prefill
 from granite_mlx.shapes import random_model
 
 
@@ -78,7 +78,7 @@ def main() -> None:
         mx.reset_peak_memory()
         base = mx.get_active_memory()
         t0 = time.perf_counter()
-        prefill(model, cache, prompt, a.step, lambda done, total: None, None)
+        prefill(model, cache, prompt[0, :-1].tolist(), a.step)
         logits = model(prompt[:, -1:], cache)  # the first decode step gives the first token
         mx.eval(logits)
         eval_cache(cache)

@@ -9,7 +9,7 @@ import time
 
 import mlx.core as mx
 
-from granite_mlx.generate import prefill
+from granite_mlx.engine import prefill
 from granite_mlx.shapes import random_model
 
 
@@ -27,7 +27,7 @@ def main() -> None:
     mx.reset_peak_memory()
     t0 = time.perf_counter()
     # As stream_generate does it: chunked prefill, the last token through the decode step.
-    prefill(model, cache, prompt, 512, lambda done, total: None, None)
+    prefill(model, cache, prompt[0, :-1].tolist(), 512)
     tok = mx.argmax(model(prompt[:, -1:], cache)[:, -1:], axis=-1)
     mx.eval(tok)
     seconds = time.perf_counter() - t0

@@ -2,22 +2,42 @@
 
 from .batch import batch_generate
 from .config import ModelArgs
-from .errors import CheckpointError, ConfigError, GraniteError, ModelNotFoundError
-from .generate import GenerationResponse, generate, load, stream_generate
-from .loading import load_model
+from .engine import Engine, EngineThread, GenerationResponse, Request
+from .errors import (
+    CheckpointError,
+    ConfigError,
+    GenerationError,
+    GraniteError,
+    ModelNotFoundError,
+    PromptTooLongError,
+)
+from .generate import Completion, complete, generate, load, stream_generate
+from .loading import fingerprint_weights, load_model
 from .model import Model
+from .prompt_cache import PromptCache
+from .sampling import SamplingParams
 from .session import ChatSession
 
 __all__ = [
     "ChatSession",
     "CheckpointError",
+    "Completion",
     "ConfigError",
+    "Engine",
+    "EngineThread",
+    "GenerationError",
     "GenerationResponse",
     "GraniteError",
     "Model",
     "ModelArgs",
     "ModelNotFoundError",
+    "PromptCache",
+    "PromptTooLongError",
+    "Request",
+    "SamplingParams",
     "batch_generate",
+    "complete",
+    "fingerprint_weights",
     "generate",
     "load",
     "load_model",

@@ -1,38 +1,23 @@
 """Several prompts at once: `batch_generate` and its streaming form.
 
-Prompts of different lengths are left-padded to one length and run as one
-batch; ``model.make_cache(left_padding=...)`` keeps the padding out of
-attention and out of the Mamba2 conv window and state, so each row's greedy
-answer is the one that prompt gets alone. Rows finish independently (EOS, a
-stop string, max_tokens); a finished row keeps riding along in the batch, its
-tokens ignored, until every row is done.
+A client of the engine (`granite_mlx.engine`): every prompt becomes a request
+and the engine decodes them as one batch, each row sampled with its own key, so
+each row's answer is the one that prompt gets alone (greedy, or with the same
+seed). Prompts are prefilled one chunk per step while earlier rows already
+decode; rows end independently (EOS, a stop string, max_tokens) and leave the
+batch.
 """
 
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
-import mlx.core as mx
-
-from .generate import (
-    DEFAULT_MAX_TOKENS,
-    DEFAULT_PREFILL_STEP_SIZE,
-    Clock,
-    GenerationError,
-    GenerationResponse,
-    Prompt,
-    Stepper,
-    TextAssembler,
-    check_options,
-    check_prompt,
-    encode_input,
-    prefill,
-    stop_list,
-)
+from .engine import Engine, GenerationResponse
+from .errors import GenerationError
+from .generate import DEFAULT_PREFILL_STEP_SIZE, Prompt, encode_input, make_request
 from .model import Model
-from .sampling import LogitsProcessor, build_processors, build_sampler
 
 __all__ = ["batch_generate", "stream_batch_generate"]
 
@@ -44,114 +29,55 @@ def stream_batch_generate(
     *,
     tools: Sequence[Mapping[str, Any]] | None = None,
     documents: Sequence[Mapping[str, Any]] | None = None,
-    max_tokens: int | None = DEFAULT_MAX_TOKENS,
-    temperature: float = 0.0,
-    top_p: float = 1.0,
-    top_k: int = 0,
-    min_p: float = 0.0,
-    repetition_penalty: float | None = None,
-    repetition_context_size: int = 20,
-    seed: int | None = None,
-    stop: str | Sequence[str] | None = None,
     prefill_step_size: int | None = DEFAULT_PREFILL_STEP_SIZE,
-    prompt_progress: Callable[[int, int], None] | None = None,
     cancel: threading.Event | None = None,
-    allow_long_prompt: bool = False,
-    logits_processors: Sequence[LogitsProcessor] | None = None,
+    max_batch: int | None = None,
+    **options: Any,
 ) -> Iterator[list[GenerationResponse | None]]:
     """Generate for every prompt at once; yields one list per step, one entry per row.
 
-    An entry is that row's `GenerationResponse` for the step, or None once the
-    row has finished (its last response carries the finish_reason). Options
-    are those of `stream_generate` (``tools``/``documents`` apply to every
-    chat prompt); prompt stats count all rows' real tokens.
+    An entry is that row's `GenerationResponse` for the step, or None when the
+    row produced nothing at that step (not started yet, or finished: its last
+    response carries the finish_reason). Options are those of `stream_generate`
+    (``tools``/``documents`` apply to every chat prompt); ``max_batch`` caps the
+    rows decoding at once (default: all of them).
     """
-    check_options(max_tokens, prefill_step_size)
+    if isinstance(prompts, str | bytes) or not isinstance(prompts, Sequence):
+        raise GenerationError(
+            "batch_generate takes a list of prompts; for one prompt use generate() "
+            "or pass [prompt]."
+        )
     if not prompts:
         raise GenerationError("batch_generate needs at least one prompt.")
-    rows = [encode_input(tokenizer, p, tools, documents) for p in prompts]
-    for ids in rows:
-        check_prompt(model, ids, 0, allow_long_prompt)
-    sampler = build_sampler(temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p)
-    processors = build_processors(repetition_penalty, repetition_context_size, logits_processors)
-    return _decode_batch(
-        model, tokenizer, rows, sampler, seed, processors, max_tokens, stop_list(stop),
-        prefill_step_size, prompt_progress or (lambda done, total: None), cancel,
-    )  # fmt: skip
+    requests = [make_request(encode_input(tokenizer, p, tools, documents), **options)
+                for p in prompts]  # fmt: skip
+    engine = Engine(
+        model, tokenizer, max_batch=max_batch or len(requests), prefill_step_size=prefill_step_size
+    )
+    index = {engine.add(r): i for i, r in enumerate(requests)}
+    return _steps(engine, index, cancel)
 
 
-def _decode_batch(
-    model, tokenizer, rows, sampler, seed, processors, max_tokens, stop, step_size, progress, cancel
-) -> Iterator[list[GenerationResponse | None]]:
-    if seed is not None:
-        mx.random.seed(seed)
-    width = max(len(ids) for ids in rows)
-    padding = [width - len(ids) for ids in rows]
-    # Padding is masked out, but its embeddings are still computed (and multiplied
-    # by 0, which keeps NaN a NaN): pad with an id every vocabulary has.
-    tokens = mx.array([[0] * p + ids for p, ids in zip(padding, rows)], dtype=mx.int32)
-    cache = model.make_cache(left_padding=padding)
-    clock = Clock(sum(len(ids) for ids in rows))
-    eos = set(tokenizer.eos_token_ids)
-    texts = [TextAssembler(tokenizer, stop) for _ in rows]
-    step = Stepper(model, cache, sampler, processors, [ids[:-1] for ids in rows])
-    live = set(range(len(rows)))
-
-    def finish_all(reason: str, n: int) -> list[GenerationResponse | None]:
-        out: list[GenerationResponse | None] = [None] * len(rows)
-        for i in sorted(live):
-            shown, calls = texts[i].finish()
-            out[i] = clock.response(shown, None, None, reason, calls, n)
-        live.clear()
-        return out
-
-    if not prefill(model, cache, tokens, step_size, progress, cancel):
-        yield finish_all("cancelled", 0)
-        return
-    y, logprob = step(tokens[:, -1:])
-    mx.async_eval(y, logprob)
-
-    n = 0
-    while live:
-        if cancel is not None and cancel.is_set():
-            yield finish_all("cancelled", n)
-            return
-        last = max_tokens is not None and n + 1 >= max_tokens
-        if not last:
-            next_y, next_logprob = step(y[:, None])
-            mx.async_eval(next_y, next_logprob)
-        sampled, logprobs = y.tolist(), logprob.tolist()
-        n += 1
-        if n == 1:
-            clock.first_token()
-            progress(width, width)
-        out: list[GenerationResponse | None] = [None] * len(rows)
-        for i in sorted(live):
-            token, lp = sampled[i], logprobs[i]
-            if token in eos:
-                shown, calls = texts[i].finish()
-                finish: str | None = "stop"
-            else:
-                shown, calls = texts[i].add(token)
-                finish = "stop" if texts[i].stopped else "length" if last else None
-                if finish is not None:
-                    rest, more = texts[i].finish()
-                    shown, calls = shown + rest, calls + more
-            out[i] = clock.response(shown, token, lp, finish, calls, n)
-            if finish is not None:
-                live.discard(i)
-        yield out
-        if n % 256 == 0:
-            mx.clear_cache()
-        if live:
-            y, logprob = next_y, next_logprob
+def _steps(engine: Engine, index: dict[int, int], cancel) -> Iterator[list]:
+    try:
+        while engine.has_work:
+            if cancel is not None and cancel.is_set():
+                for rid in index:
+                    engine.abort(rid)
+            out: list[GenerationResponse | None] = [None] * len(index)
+            for rid, response in engine.step():
+                out[index[rid]] = response
+            if any(r is not None for r in out):
+                yield out
+    finally:
+        engine.close()
 
 
 def batch_generate(
     model: Model, tokenizer: Any, prompts: Sequence[Prompt], **options: Any
 ) -> list[str]:
-    """Each prompt's whole answer, in order; takes `stream_generate`'s options."""
-    answers = [""] * len(prompts)
+    """Each prompt's whole answer, in order; takes `stream_batch_generate`'s options."""
+    answers = [""] * len(prompts) if isinstance(prompts, Sequence) else []
     for step in stream_batch_generate(model, tokenizer, prompts, **options):
         for i, response in enumerate(step):
             if response is not None:

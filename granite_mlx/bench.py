@@ -30,7 +30,7 @@ import mlx.core as mx
 from mlx import nn
 from mlx.utils import tree_flatten, tree_unflatten
 
-from .generate import default_prefill_step_size, prefill
+from .engine import Engine, Request, default_prefill_step_size
 from .model import Model
 from .weights import mlx_lm_module_paths, to_mlx_lm_layout
 
@@ -109,20 +109,35 @@ def _overrides(args) -> dict:
 # --------------------------------------------------------------------------- timing
 
 
+class _NoText:
+    """A tokenizer stand-in for the engine: random ids need no text, and timing the
+    detokenizer is not the point (neither side does it here)."""
+
+    eos_token_ids: set = set()
+
+    class detokenizer:  # noqa: N801 - the attribute TextAssembler reads
+        last_segment = ""
+
+        @staticmethod
+        def add_token(token):
+            pass
+
+        @staticmethod
+        def finalize():
+            pass
+
+
 def _ours_generate(model: Model, prompt: mx.array, n: int, step: int):
-    """Our generation loop as stream_generate runs it: prefill all but the last
-    prompt token in chunks, then one decode step per token."""
-    cache = model.make_cache()
+    """Our generation loop as every client runs it: one request through the engine
+    (chunked prefill of all but the last token, then one decode step per token)."""
+    engine = Engine(model, _NoText(), max_batch=1, prefill_step_size=step)
+    engine.add(Request(prompt=prompt[0].tolist(), max_tokens=n + 1))
     t0 = time.perf_counter()
-    prefill(model, cache, prompt, step, lambda done, total: None, None)
-    tok = mx.argmax(model(prompt[:, -1:], cache)[:, -1], axis=-1)[:, None]
-    mx.eval(tok)
-    t1 = time.perf_counter()
-    for _ in range(n):
-        nxt = mx.argmax(model(tok, cache)[:, -1], axis=-1)[:, None]
-        mx.async_eval(nxt)
-        tok = nxt
-    mx.eval(tok)
+    t1 = None
+    while engine.has_work:
+        for _, response in engine.step():
+            if t1 is None:
+                t1 = time.perf_counter()  # the first token: prefill done
     return t1 - t0, time.perf_counter() - t1
 
 

@@ -44,6 +44,15 @@ class KVCache:
         self.left_padding = _padding(left_padding)
         self.left_max = 0 if left_padding is None else int(max(left_padding))
 
+    @property
+    def positions(self) -> int | mx.array:
+        """Where the next token sits in each row's own sequence: the shared write offset,
+        less each row's left padding (RoPE rotates by this, so a row's keys are the same
+        alone or in a batch)."""
+        if self.left_padding is None:
+            return self.offset
+        return self.offset - self.left_padding
+
     def update_and_fetch(self, keys: mx.array, values: mx.array) -> tuple[mx.array, mx.array]:
         """Append (b, kv_heads, l, head_dim) keys/values; return everything so far."""
         end = self.offset + keys.shape[2]
@@ -198,9 +207,25 @@ def save_cache(path: str | Path, cache: Cache, metadata: dict[str, Any] | None =
         "metadata": json.dumps(metadata or {}),
     }
     path = Path(path)
-    tmp = path.with_name(path.name + ".partial.safetensors")
-    mx.save_safetensors(str(tmp), arrays, metadata=meta)
-    tmp.replace(path)  # never leave a half-written file under the real name
+    # MLX adds ".safetensors" to a name without it: write a temporary name that has
+    # it, then rename to the caller's name (any name); never leave a half-written
+    # file under the real name, nor a partial file after a failure.
+    tmp = path.with_name(f".{path.name}.partial.safetensors")
+    try:
+        mx.save_safetensors(str(tmp), arrays, metadata=meta)
+        tmp.replace(path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    _private(path)
+
+
+def _private(path: Path) -> None:
+    """Conversations are the user's: files that hold them are readable by the user only."""
+    try:
+        path.chmod(0o600)
+    except OSError:
+        pass
 
 
 def load_cache(path: str | Path) -> tuple[Cache, dict[str, Any]]:
@@ -209,14 +234,166 @@ def load_cache(path: str | Path) -> tuple[Cache, dict[str, Any]]:
 
     path = Path(path)
     check_safetensors(path)
-    arrays, meta = mx.load(str(path), return_metadata=True)
+    arrays, meta = mx.load(str(path), format="safetensors", return_metadata=True)
     if meta.get("format") != "granite-mlx-cache/1":
         raise CheckpointError(f"{path} is not a granite-mlx cache file.")
+    try:
+        kinds = json.loads(meta["kinds"])
+        offset = int(meta["offset"])
+        metadata = json.loads(meta.get("metadata", "{}"))
+        if not isinstance(kinds, list) or not isinstance(metadata, dict):
+            raise ValueError("kinds must be a list and metadata an object")
+    except (KeyError, ValueError, TypeError) as exc:
+        raise CheckpointError(f"{path} is a damaged granite-mlx cache file ({exc}).") from exc
     cache: Cache = []
-    for i, kind in enumerate(json.loads(meta["kinds"])):
+    for i, kind in enumerate(kinds):
+        if kind not in ("attention", "mamba"):
+            raise CheckpointError(f"{path} is a damaged granite-mlx cache file (layer {i}: {kind!r}).")
         c = KVCache() if kind == "attention" else MambaCache()
         prefix = f"layers.{i}."
         c.set_arrays({k[len(prefix) :]: v for k, v in arrays.items() if k.startswith(prefix)})
-        c.offset = int(meta["offset"])
+        c.offset = offset
         cache.append(c)
-    return cache, json.loads(meta.get("metadata", "{}"))
+    return cache, metadata
+
+
+# --------------------------------------------------------------------------
+# Rows: the engine's batch is one cache whose rows come and go
+# --------------------------------------------------------------------------
+#
+# Rows of different lengths share one write offset: each row's tokens end at the
+# offset and start after its left padding (KV positions [left, offset)). A Mamba2
+# row needs no alignment: its state is the same size whatever the length.
+
+
+def allocate(cache: Cache, model) -> Cache:
+    """Give a cache that has seen no token its buffers (zero states, empty K/V of one
+    256-position block), so that it can join a batch and run the compiled step."""
+    dtype = model.model.norm.weight.dtype  # the activations' dtype: norms are never quantized
+    for c, layer in zip(cache, model.layers):
+        if isinstance(c, KVCache) and c.keys is None:
+            attn = layer.self_attn
+            shape = (1, attn.n_kv_heads, _GROW, attn.head_dim)
+            c.keys, c.values = mx.zeros(shape, dtype), mx.zeros(shape, dtype)
+        elif isinstance(c, MambaCache) and c.ssm_state is None:
+            m = layer.mamba
+            c.conv_state = mx.zeros((1, m.d_conv - 1, m.conv_dim), dtype)
+            c.ssm_state = mx.zeros((1, m.n_heads, m.head_dim, m.d_state), mx.float32)
+    return cache
+
+
+def batch_size(cache: Cache) -> int:
+    for c in cache:
+        arr = c.keys if isinstance(c, KVCache) else c.ssm_state
+        if arr is not None:
+            return arr.shape[0]
+    return 1
+
+
+def _left(cache: Cache) -> mx.array:
+    left = cache[0].left_padding
+    return mx.zeros((batch_size(cache),), mx.int32) if left is None else left
+
+
+def _set_rows(layers: list, offset: int, left: mx.array | None) -> None:
+    left_max = 0 if left is None else int(left.max().item())
+    for c in layers:
+        c.offset, c.left_padding, c.left_max = offset, left, left_max
+        if left_max == 0:
+            c.left_padding = None
+
+
+def _shift_kv(arr: mx.array, length: int, shift: int, capacity: int) -> mx.array:
+    """The first `length` positions of arr, moved right by `shift`, in `capacity` positions."""
+    b, h, _, d = arr.shape
+    out = mx.zeros((b, h, capacity, d), arr.dtype)
+    if length:
+        out[:, :, shift : shift + length] = arr[:, :, :length]
+    return out
+
+
+def merge(a: Cache, b: Cache) -> Cache:
+    """One cache holding the rows of `a`, then those of `b` (both allocated).
+
+    The shorter side is padded on the left so that every row ends at the common
+    offset: a copy of the attention K/V (at join time only, never per token).
+    """
+    offset = max(cache_length(a), cache_length(b))
+    capacity = ((offset + 1 + _GROW - 1) // _GROW) * _GROW
+    shift_a, shift_b = offset - cache_length(a), offset - cache_length(b)
+    left = mx.concatenate([_left(a) + shift_a, _left(b) + shift_b])
+    out: Cache = []
+    for ca, cb in zip(a, b):
+        if isinstance(ca, KVCache):
+            c = KVCache()
+            c.keys = mx.concatenate([
+                _shift_kv(ca.keys, ca.offset, shift_a, capacity),
+                _shift_kv(cb.keys, cb.offset, shift_b, capacity),
+            ])  # fmt: skip
+            c.values = mx.concatenate([
+                _shift_kv(ca.values, ca.offset, shift_a, capacity),
+                _shift_kv(cb.values, cb.offset, shift_b, capacity),
+            ])  # fmt: skip
+        else:
+            c = MambaCache()
+            c.conv_state = mx.concatenate([ca.conv_state, cb.conv_state])
+            c.ssm_state = mx.concatenate([ca.ssm_state, cb.ssm_state])
+        out.append(c)
+    _set_rows(out, offset, left)
+    return out
+
+
+def take(cache: Cache, rows: list[int]) -> Cache:
+    """A cache of only these rows (in this order). Padding every remaining row shares
+    is dropped once it reaches a whole block, so a long-gone long row stops costing."""
+    idx = mx.array(rows, dtype=mx.int32)
+    left = _left(cache)[idx]
+    drop = int(left.min().item()) // _GROW * _GROW
+    offset = cache_length(cache) - drop
+    out: Cache = []
+    for c in cache:
+        if isinstance(c, KVCache):
+            n = KVCache()
+            n.keys, n.values = c.keys[idx, :, drop:], c.values[idx, :, drop:]
+        else:
+            n = MambaCache()
+            n.conv_state, n.ssm_state = c.conv_state[idx], c.ssm_state[idx]
+        out.append(n)
+    _set_rows(out, offset, left - drop)
+    return out
+
+
+def row(cache: Cache, i: int) -> Cache:
+    """Row i as a cache of its own, without padding: contiguous copies (a view would
+    keep the whole batch's buffers alive)."""
+    left = int(_left(cache)[i].item())
+    offset = cache_length(cache)
+    out: Cache = []
+    for c in cache:
+        if isinstance(c, KVCache):
+            n = KVCache()
+            n.keys = mx.contiguous(c.keys[i : i + 1, :, left:offset])
+            n.values = mx.contiguous(c.values[i : i + 1, :, left:offset])
+        else:
+            n = MambaCache()
+            n.conv_state = mx.contiguous(c.conv_state[i : i + 1])
+            n.ssm_state = mx.contiguous(c.ssm_state[i : i + 1])
+        out.append(n)
+    _set_rows(out, offset - left, None)
+    return out
+
+
+def assign(dst: Cache, src: Cache) -> None:
+    """Make the layers of `dst` hold what `src` holds (a caller's cache object, updated
+    in place)."""
+    for d, s in zip(dst, src):
+        if isinstance(d, KVCache):
+            d.keys, d.values = s.keys, s.values
+        else:
+            d.conv_state, d.ssm_state = s.conv_state, s.ssm_state
+        d.offset, d.left_padding, d.left_max = s.offset, s.left_padding, s.left_max
+
+
+def nbytes(cache: Cache) -> int:
+    """Bytes held by the cache's arrays (attention K/V counted up to the offset)."""
+    return sum(a.nbytes for c in cache for a in c.arrays.values())

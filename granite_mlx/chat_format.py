@@ -36,6 +36,7 @@ __all__ = [
     "ChatFormatError",
     "checkpoint_template",
     "encode_prompt",
+    "message_boundaries",
     "render_chat",
     "render_prompt",
 ]
@@ -535,3 +536,20 @@ def encode_prompt(
         **template_kwargs,
     )
     return list(tokenizer.encode(text, add_special_tokens=False))
+
+
+def message_boundaries(tokenizer: Any, ids: Sequence[int]) -> list[int]:
+    """Positions in a rendered conversation where a message ends (after its
+    ``<|end_of_text|>`` and the newline that follows): where a later request
+    sharing the conversation so far can resume (granite_mlx.prompt_cache)."""
+    eot = tokenizer.convert_tokens_to_ids(_EOT)
+    if not isinstance(eot, int) or eot < 0:
+        return []
+    newline = tokenizer.encode("\n", add_special_tokens=False)
+    out = []
+    for i, t in enumerate(ids):
+        if t == eot:
+            end = i + 1 + (len(newline) if list(ids[i + 1 : i + 1 + len(newline)]) == newline else 0)
+            if end < len(ids):
+                out.append(end)
+    return out

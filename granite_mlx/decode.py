@@ -5,7 +5,13 @@ a string of tiny element-wise ops. `mx.compile` fuses them and removes the Pytho
 work per layer, but it needs arrays of stable shapes. So inside the step the
 attention caches are fixed-capacity buffers written at a traced offset, with the
 unused tail masked; the capacity grows outside the graph (in steps of 256), and
-the step is re-traced only when it does.
+the step is re-traced only when it does (and when the number of rows changes).
+
+Rows of a batch may be left-padded (the engine aligns rows of different lengths
+on the right): the padded variant of the step takes each row's padding as one
+more input, hides those positions from attention and rotates RoPE by each row's
+own position. A cache without padding runs the plain variant, whose graph has
+neither.
 
 The uncompiled `Model.__call__` is the reference; tests prove both agree.
 """
@@ -28,8 +34,8 @@ class _FixedKV:
     """A KV cache seen from inside the compiled step: fixed-capacity buffers written
     at a traced offset (an array), so every token runs the same graph."""
 
-    def __init__(self, keys: mx.array, values: mx.array, offset: mx.array):
-        self.keys, self.values, self.offset = keys, values, offset
+    def __init__(self, keys: mx.array, values: mx.array, offset: mx.array, positions: mx.array):
+        self.keys, self.values, self.offset, self.positions = keys, values, offset, positions
 
     def update_and_fetch(self, k: mx.array, v: mx.array) -> tuple[mx.array, mx.array]:
         self.keys = mx.slice_update(self.keys, k, self.offset[None], axes=(2,))
@@ -46,7 +52,7 @@ class _State:
 
 class CompiledDecoder:
     """`decoder(token (b, 1), cache) -> logits (b, 1, vocab)`, updating `cache`,
-    for a cache that already holds at least one token and no left padding."""
+    for a cache whose buffers exist (it has seen a token, or `cache.allocate` made them)."""
 
     def __init__(self, model):
         self.model = model
@@ -55,6 +61,7 @@ class CompiledDecoder:
                 m.prepare_transposed()
         self._check_kernel()
         self._step = mx.compile(self._graph)
+        self._padded_step = mx.compile(self._padded_graph)
 
     def _check_kernel(self) -> None:
         """Run the fused kernel's one-time self-check now: it evaluates arrays,
@@ -75,8 +82,6 @@ class CompiledDecoder:
         if not cache or reference_forced():
             return False
         for c in cache:
-            if c.left_padding is not None:
-                return False
             if isinstance(c, KVCache) and c.keys is None:
                 return False
             if isinstance(c, MambaCache) and c.ssm_state is None:
@@ -92,7 +97,11 @@ class CompiledDecoder:
                 arrays += [c.keys, c.values]
             else:
                 arrays += [c.conv_state, c.ssm_state]
-        logits, *new = self._step(token, mx.array(offset, mx.int32), *arrays)
+        left = cache[0].left_padding
+        if left is None:
+            logits, *new = self._step(token, mx.array(offset, mx.int32), *arrays)
+        else:
+            logits, *new = self._padded_step(token, mx.array(offset, mx.int32), left, *arrays)
         for i, c in enumerate(cache):
             a, b = new[2 * i], new[2 * i + 1]
             if isinstance(c, KVCache):
@@ -103,19 +112,31 @@ class CompiledDecoder:
         return logits
 
     def _graph(self, token: mx.array, offset: mx.array, *arrays: mx.array):
+        return self._layers(token, offset, None, arrays)
+
+    def _padded_graph(self, token: mx.array, offset: mx.array, left: mx.array, *arrays: mx.array):
+        return self._layers(token, offset, left, arrays)
+
+    def _layers(self, token: mx.array, offset: mx.array, left: mx.array | None, arrays):
         model = self.model
         shims = []
         capacity = None
+        positions = offset if left is None else offset - left  # (b,) with padding
         for i, layer in enumerate(model.layers):
             a, b = arrays[2 * i], arrays[2 * i + 1]
             if layer.kind == "mamba":
                 shims.append(_State(a, b))
             else:
-                shims.append(_FixedKV(a, b, offset))
+                shims.append(_FixedKV(a, b, offset, positions))
                 capacity = a.shape[2]
         mask = None
         if capacity is not None:
-            mask = (mx.arange(capacity) <= offset)[None, None, None, :]  # (1,1,1,cap)
+            keys = mx.arange(capacity)
+            if left is None:
+                mask = (keys <= offset)[None, None, None, :]  # (1,1,1,cap)
+            else:
+                visible = (keys[None] <= offset) & (keys[None] >= left[:, None])  # (b,cap)
+                mask = visible[:, None, None, :]  # (b,1,1,cap)
         h = model.model.embed_tokens(token[:, 0]) * model.args.embedding_multiplier  # (b, hidden)
         for layer, shim in zip(model.layers, shims):
             h = layer.step(h, shim, mask)

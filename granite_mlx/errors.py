@@ -15,3 +15,11 @@ class CheckpointError(GraniteError):
 
 class ModelNotFoundError(GraniteError, FileNotFoundError):
     """No local folder of that name and the Hub could not provide it."""
+
+
+class GenerationError(GraniteError, ValueError):
+    """A prompt or an option that generation cannot use."""
+
+
+class PromptTooLongError(GenerationError):
+    """The prompt has more tokens than the model's trained context."""

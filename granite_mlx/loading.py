@@ -220,3 +220,28 @@ def load_model(path_or_repo_id: str | os.PathLike, dtype: str | mx.Dtype | None 
     weights stay quantized); None keeps the checkpoint's own.
     """
     return model_from_folder(resolve_model_path(path_or_repo_id), dtype)
+
+
+def fingerprint_weights(model: Model) -> str:
+    """A short id of the weights themselves (not only the architecture): the names,
+    shapes and dtypes of every parameter and a fixed sample of each one's values.
+
+    Two checkpoints of the same shape (a fine-tune, a quantized copy) differ; the
+    same checkpoint loaded twice gives the same id. Cheap: about 64 values a tensor.
+    """
+    import hashlib
+
+    import numpy as np
+
+    digest = hashlib.sha256()
+    params = sorted(tree_flatten(model.parameters()), key=lambda kv: kv[0])
+    samples = []
+    for name, p in params:
+        digest.update(f"{name}:{p.shape}:{p.dtype};".encode())
+        flat = p.reshape(-1)
+        step = max(1, flat.size // 64)
+        samples.append(flat[::step][:64].astype(mx.float32))
+    mx.eval(samples)
+    for s in samples:
+        digest.update(np.asarray(s).tobytes())
+    return digest.hexdigest()[:32]

@@ -187,7 +187,7 @@ class Attention(nn.Module):
         k = self.k_proj(x).reshape(b, l, self.n_kv_heads, -1).transpose(0, 2, 1, 3)
         v = self.v_proj(x).reshape(b, l, self.n_kv_heads, -1).transpose(0, 2, 1, 3)
         if self.rope is not None:
-            offset = cache.offset if cache is not None else 0
+            offset = cache.positions if cache is not None else 0
             q = self.rope(q, offset=offset)
             k = self.rope(k, offset=offset)
         if cache is not None:
@@ -206,8 +206,8 @@ class Attention(nn.Module):
         k = self.k_proj(x).reshape(b, self.n_kv_heads, 1, self.head_dim)
         v = self.v_proj(x).reshape(b, self.n_kv_heads, 1, self.head_dim)
         if self.rope is not None:
-            q = self.rope(q, offset=cache.offset)
-            k = self.rope(k, offset=cache.offset)
+            q = self.rope(q, offset=cache.positions)
+            k = self.rope(k, offset=cache.positions)
         k, v = cache.update_and_fetch(k, v)
         o = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale, mask=mask)
         return self.o_proj(o.reshape(b, -1))

@@ -1,27 +1,25 @@
 """`ChatSession`: a conversation that keeps its cache, so each turn prefills only new tokens.
 
-How a turn reuses the cache:
+A client of the engine, like the server: each turn renders the whole
+conversation to token ids and hands them to an engine with the session's own
+`PromptCache`.
 
-* The session knows the token ids its cache has consumed (``_ids``).
-* Each turn renders the whole conversation to ids with the chat template.
-* If ``_ids`` is a prefix of them, only the rest is prefilled.
-* Otherwise (an edit, a regenerate, an answer whose tokens differ from how
-  its text re-encodes, a new system prompt) the session falls back to the
-  longest snapshot whose tokens are still a prefix; an attention-only model
-  is instead trimmed to the common prefix. With neither, it starts afresh.
+* The session's live cache holds the tokens it has consumed (``_ids``). When
+  they are a prefix of the new turn's ids, only the rest is prefilled.
+* Otherwise (an edit, a regenerate, an answer whose tokens differ from how its
+  text re-encodes, a new system prompt) the turn starts from an empty cache,
+  and the engine resumes it from the longest snapshot in the prompt cache that
+  is a prefix of the new ids (any shared prefix for an attention-only model).
 
-Snapshots are taken at turn boundaries: when a prompt is in the cache but for
-its last token (so regenerating costs one token), and when an answer ends.
-A Mamba2 snapshot holds the state arrays, an attention snapshot only a length
-(its earlier positions are never rewritten), so restoring to one makes every
-later snapshot invalid: those are dropped.
+Snapshots are taken where each message ends, when a prompt is in the cache but
+for its last token (so regenerating costs one token), and when an answer ends;
+the prompt cache keeps the most recently used within its byte budget.
 
-Which answer tokens are in the cache? Generation queues the model call for a
+Which answer tokens are in the cache? The engine may queue the model call for a
 token before it knows whether that token is EOS, so the cache holds a prefix of
-prompt + sampled tokens whose length is ``cache_length(cache)``: the EOS
-included when it was sampled, the last token left out at max_tokens. The
-session records exactly that prefix, and the next turn's prefix check (on
-token ids) takes it from there.
+prompt + sampled tokens whose length is ``cache_length(cache)``. The session
+records exactly that prefix, and the next turn's prefix check (on token ids)
+takes it from there.
 """
 
 from __future__ import annotations
@@ -31,42 +29,25 @@ import os
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
-from .cache import (
-    CacheSnapshot,
-    MambaCache,
-    cache_length,
-    can_trim,
-    load_cache,
-    restore,
-    save_cache,
-    snapshot,
-    trim,
-)
-from .chat_format import encode_prompt
+from .cache import Cache, KVCache, MambaCache, cache_length, load_cache, save_cache
+from .chat_format import encode_prompt, message_boundaries
 from .errors import GraniteError
-from .generate import GenerationResponse, stream_from_ids
+from .generate import GenerationResponse, make_request, run_request
 from .model import Model
+from .prompt_cache import PromptCache
 
 __all__ = ["ChatSession", "SessionError"]
 
-SESSION_FORMAT = "granite-mlx-session/1"
+SESSION_FORMAT = "granite-mlx-session/2"
 # Options the session sets itself; a caller passing them is a mistake.
-_RESERVED = ("cache", "tools", "documents", "on_prefilled")
+_RESERVED = ("cache", "context", "snapshot_at", "tools", "documents")
 
 
 class SessionError(GraniteError):
     """The conversation cannot do what was asked (nothing to regenerate, a bad session file)."""
 
 
-def _common_prefix(a: Sequence[int], b: Sequence[int], limit: int) -> int:
-    n = min(len(a), len(b), limit)
-    for i in range(n):
-        if a[i] != b[i]:
-            return i
-    return n
-
-
-def _fingerprint(model: Model) -> dict[str, Any]:
+def _architecture(model: Model) -> dict[str, Any]:
     """What a saved cache must match to be used with ``model``."""
     args = model.args
     keys = (
@@ -76,20 +57,31 @@ def _fingerprint(model: Model) -> dict[str, Any]:
     return {k: getattr(args, k, None) for k in keys}
 
 
+def state_bytes(model: Model) -> int:
+    """Bytes of one snapshot's Mamba2 states (conv window + float32 SSM state)."""
+    total = 0
+    for layer in model.layers:
+        if layer.kind == "mamba":
+            m = layer.mamba
+            total += 4 * (m.n_heads * m.head_dim * m.d_state + (m.d_conv - 1) * m.conv_dim)
+    return total
+
+
 class ChatSession:
     """A multi-turn chat with one model, reusing its cache from turn to turn.
 
     ``messages`` holds the turns (``{"role", "content"}``, assistant turns with
     ``"tool_calls"`` when the model called tools); the system prompt is kept
-    apart in ``system``. ``send``, ``regenerate`` and ``edit_last`` stream
-    `GenerationResponse` objects and take `stream_generate`'s options; the
-    answer (partial if cancelled or closed early) is appended when the stream
-    ends. To hand a tool result back, append ``{"role": "tool", "content": ...}``
-    to ``messages`` and call ``regenerate()``, which answers the last turn.
+    apart in ``system``, and ``tools`` / ``documents`` apply to every turn.
+    ``send``, ``regenerate`` and ``edit_last`` stream `GenerationResponse`
+    objects and take `stream_generate`'s options; the answer (partial if
+    cancelled or closed early) is appended when the stream ends. To hand a tool
+    result back, append ``{"role": "tool", "content": ...}`` to ``messages`` and
+    call ``regenerate()``, which answers the last turn.
     """
 
-    #: Snapshots kept: enough to regenerate the last answer and to edit the last question.
-    max_snapshots = 4
+    #: Snapshots the session's prompt cache is sized for (plus the K/V they need).
+    max_snapshots = 8
 
     def __init__(
         self,
@@ -97,14 +89,23 @@ class ChatSession:
         tokenizer: Any,
         system: str | None = None,
         tools: list | None = None,
+        documents: list | None = None,
+        prompt_cache: PromptCache | None = None,
     ):
         self.model = model
         self.tokenizer = tokenizer
         self.system = system
         self.tools = tools
+        self.documents = documents
         self.messages: list[dict[str, Any]] = []
         self.last_prefill_tokens = 0
-        self._reset_cache()
+        self.last_cached_tokens = 0
+        if prompt_cache is None:
+            budget = self.max_snapshots * state_bytes(model) + 256 * 2**20
+            prompt_cache = PromptCache(budget)
+        self.prompt_cache = prompt_cache
+        self._cache: Cache = model.make_cache()
+        self._ids: list[int] = []  # the tokens the live cache has consumed
 
     # --- the conversation ------------------------------------------------------------
 
@@ -116,12 +117,13 @@ class ChatSession:
         messages: Sequence[Mapping[str, Any]],
         system: str | None = None,
         tools: list | None = None,
+        documents: list | None = None,
     ) -> ChatSession:
         """A session resuming ``messages``; the first turn prefills them all.
 
         A leading system message becomes ``system`` unless one is given.
         """
-        session = cls(model, tokenizer, system=system, tools=tools)
+        session = cls(model, tokenizer, system=system, tools=tools, documents=documents)
         history = [dict(m) for m in messages]
         if history and history[0].get("role") == "system":
             first = history.pop(0)
@@ -133,6 +135,11 @@ class ChatSession:
     def set_system(self, text: str | None) -> None:
         """Change the system prompt; the next turn re-prefills only if it changed."""
         self.system = text
+
+    @property
+    def context_tokens(self) -> int:
+        """Tokens of the conversation held in the cache (what the next turn builds on)."""
+        return len(self._ids)
 
     def send(self, text: str, **options: Any) -> Iterator[GenerationResponse]:
         """Add a user message and stream the answer."""
@@ -157,9 +164,9 @@ class ChatSession:
         messages = [*self.messages[:last_user], {"role": "user", "content": text}]
         yield from self._respond(messages, options)
 
-    def _history(self) -> list[dict[str, Any]]:
+    def _history(self, messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
         system = [{"role": "system", "content": self.system}] if self.system else []
-        return system + self.messages
+        return system + messages
 
     def _respond(
         self, messages: list[dict[str, Any]], options: dict[str, Any]
@@ -168,29 +175,36 @@ class ChatSession:
         reserved = [k for k in _RESERVED if k in options]
         if reserved:
             raise TypeError(f"ChatSession sets {', '.join(reserved)} itself; do not pass it")
-        previous = self.messages
-        self.messages = messages
-        try:
-            ids = encode_prompt(self.tokenizer, self._history(), tools=self.tools)
-            start = self._reuse(ids)
-            stream = stream_from_ids(
-                self.model, self.tokenizer, ids[start:], cache=self._cache,
-                on_prefilled=self._remember, **options,
-            )  # fmt: skip
-        except BaseException:
-            self.messages = previous
-            raise
-        self.last_prefill_tokens = len(ids) - start
+        engine_options = {
+            k: options.pop(k) for k in ("prefill_step_size", "cancel") if k in options
+        }
+        ids = encode_prompt(
+            self.tokenizer, self._history(messages), tools=self.tools, documents=self.documents
+        )
+        held = len(self._ids)
+        if 0 < held < len(ids) and ids[:held] == self._ids:
+            cache, context, prompt = self._cache, self._ids, ids[held:]
+        else:  # the engine resumes from the longest snapshot instead
+            cache, context, prompt = self.model.make_cache(), [], ids
+        request = make_request(
+            prompt, cache=cache, context=context,
+            snapshot_at=message_boundaries(self.tokenizer, ids), **options,
+        )  # fmt: skip
+        stream = run_request(
+            self.model, self.tokenizer, request, prompt_cache=self.prompt_cache, **engine_options
+        )
+        # From here the live cache is this turn's: the next turn builds on what it holds.
+        self._cache, self._ids = cache, []
         sampled: list[int] = []
         text: list[str] = []
-        calls = []
+        last = None
         failed = False
         try:
             for response in stream:
                 if response.token is not None:
                     sampled.append(response.token)
                 text.append(response.text)
-                calls += response.tool_calls
+                last = response
                 yield response
         except GeneratorExit:  # closed early: keep the partial answer
             raise
@@ -201,12 +215,15 @@ class ChatSession:
             stream.close()
             if failed:
                 # The cache may be half-updated: forget it, and the unanswered question.
-                self.messages = previous
-                self._reset_cache()
+                self._cache = self.model.make_cache()
             else:
-                self._ids = (ids + sampled)[: cache_length(self._cache)]
+                self._ids = (ids + sampled)[: cache_length(cache)]
+                self.messages = messages
+                calls = last.tool_calls if last is not None and last.finish_reason else []
                 self.messages.append(self._answer_message("".join(text), calls))
-                self._remember()
+                if last is not None:
+                    self.last_prefill_tokens = last.prompt_tokens
+                    self.last_cached_tokens = last.cached_tokens
 
     @staticmethod
     def _answer_message(text: str, calls: list) -> dict[str, Any]:
@@ -216,74 +233,31 @@ class ChatSession:
             message["tool_calls"] = valid
         return message
 
-    # --- the cache -----------------------------------------------------------------
-
-    def _reset_cache(self) -> None:
-        self._cache = self.model.make_cache()
-        self._ids: list[int] = []  # the tokens the cache has consumed
-        self._snapshots: list[tuple[int, CacheSnapshot]] = []  # (length, snapshot), ascending
-
-    def _remember(self) -> None:
-        """Snapshot the cache as it is now."""
-        length = cache_length(self._cache)
-        kept = [(n, s) for n, s in self._snapshots if n != length]
-        kept.append((length, snapshot(self._cache)))
-        kept.sort(key=lambda item: item[0])
-        self._snapshots = kept[-self.max_snapshots :]
-
-    def _truncate(self, length: int) -> None:
-        """The cache now holds ``_ids[:length]``; later snapshots are invalid."""
-        self._ids = self._ids[:length]
-        self._snapshots = [(n, s) for n, s in self._snapshots if n <= length]
-
-    def _reuse(self, ids: list[int]) -> int:
-        """Bring the cache to the longest usable prefix of ``ids``; return its length.
-
-        At least the last token of ``ids`` is always left to feed: its logits
-        give the answer's first token.
-        """
-        limit = len(ids) - 1
-        held = len(self._ids)
-        common = _common_prefix(self._ids, ids, limit)
-        if common == held:
-            return held
-        if can_trim(self._cache):
-            trim(self._cache, held - common)
-            self._truncate(common)
-            return common
-        for length, snap in reversed(self._snapshots):
-            if length <= common:
-                restore(self._cache, snap)
-                self._truncate(length)
-                return length
-        self._reset_cache()
-        return 0
-
-    # --- saving ------------------------------------------------------------------
+    # --- saving ------------------------------------------------------------------------
 
     def save(self, path: str | os.PathLike) -> None:
-        """Write the conversation, the cache and its snapshots to one file, atomically.
-
-        `load` resumes it exactly: the next turn prefills only what is new.
+        """Write the conversation, the cache and its snapshots to one file (any name),
+        atomically. `load` resumes it exactly: the next turn prefills only what is new.
         """
-        # Snapshots ride along as extra Mamba layers after the real ones, so one
-        # save_cache file (written to a temporary name, then renamed) holds it all.
+        # Snapshots on the conversation's path ride along as extra Mamba layers after
+        # the real ones: their K/V is a prefix of the live cache's.
+        lengths = [n for n in self.prompt_cache.states(self._ids) if n < len(self._ids)]
         layers = list(self._cache)
-        for _, snap in self._snapshots:
-            for layer, state in zip(self._cache, snap.layers):
-                if isinstance(layer, MambaCache):
-                    extra = MambaCache()
-                    extra.conv_state, extra.ssm_state, _ = state
-                    layers.append(extra)
+        for n in lengths:
+            found = self.prompt_cache.lookup(self._ids[:n])
+            assert found is not None and found[0] == n
+            layers += [c for c in found[1] if isinstance(c, MambaCache)]
         metadata = {
             "session": SESSION_FORMAT,
-            "model": _fingerprint(self.model),
+            "model": _architecture(self.model),
+            "weights": _weights_id(self.model),
             "layers": len(self._cache),
             "system": self.system,
             "tools": self.tools,
+            "documents": self.documents,
             "messages": self.messages,
             "ids": self._ids,
-            "snapshots": [n for n, _ in self._snapshots],
+            "snapshots": lengths,
         }
         try:
             json.dumps(metadata)
@@ -293,25 +267,110 @@ class ChatSession:
 
     @classmethod
     def load(cls, path: str | os.PathLike, model: Model, tokenizer: Any) -> ChatSession:
-        """Resume a session written by `save` (with the same model)."""
+        """Resume a session written by `save` with the same model (the same weights)."""
         layers, meta = load_cache(path)
         if meta.get("session") != SESSION_FORMAT:
-            raise SessionError(f"{path} is not a saved chat session.")
-        if meta.get("model") != json.loads(json.dumps(_fingerprint(model))):
+            raise SessionError(f"{path} is not a saved chat session (or one from an older "
+                               "version): start the chat afresh.")  # fmt: skip
+        if meta.get("model") != json.loads(json.dumps(_architecture(model))) or meta.get(
+            "weights"
+        ) != _weights_id(model):
             raise SessionError(f"{path} was saved with a different model; start the chat afresh.")
-        session = cls(model, tokenizer, system=meta.get("system"), tools=meta.get("tools"))
-        session.messages = list(meta.get("messages") or [])
+        _check_session(path, meta, layers, model)
+        session = cls(
+            model, tokenizer, system=meta.get("system"), tools=meta.get("tools"),
+            documents=meta.get("documents"),
+        )  # fmt: skip
+        session.messages = list(meta["messages"])
         count = meta["layers"]
         cache, extra = layers[:count], iter(layers[count:])
-        snapshots = []
-        for length in meta.get("snapshots", []):
-            states: list[Any] = []
+        ids = list(meta["ids"])
+        for n in meta["snapshots"]:
+            snap: Cache = []
             for layer in cache:
-                if isinstance(layer, MambaCache):
-                    saved = next(extra)
-                    states.append((saved.conv_state, saved.ssm_state, length))
+                if isinstance(layer, KVCache):
+                    c = KVCache()
+                    c.keys, c.values = layer.keys[:, :, :n], layer.values[:, :, :n]
+                    c.offset = n
                 else:
-                    states.append(length)
-            snapshots.append((length, CacheSnapshot(tuple(states), length)))
-        session._cache, session._ids, session._snapshots = cache, list(meta["ids"]), snapshots
+                    c = next(extra)
+                    c.offset = n
+                snap.append(c)
+            session.prompt_cache.insert(ids[:n], snap)
+        for c in cache:
+            c.offset = len(ids)
+        session._cache, session._ids = cache, ids
         return session
+
+
+def _weights_id(model: Model) -> str:
+    from .loading import fingerprint_weights
+
+    return fingerprint_weights(model)
+
+
+def _check_session(path, meta: dict, layers: list, model: Model) -> None:
+    """Refuse a session file whose parts disagree with each other or with the model."""
+
+    def bad(why: str) -> SessionError:
+        return SessionError(f"{path} is damaged ({why}); start the chat afresh.")
+
+    for key, kind in (("messages", list), ("ids", list), ("snapshots", list), ("layers", int)):
+        if not isinstance(meta.get(key), kind) or isinstance(meta.get(key), bool):
+            raise bad(f"'{key}' is missing or not a {kind.__name__}")
+    for i, m in enumerate(meta["messages"]):
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str):
+            raise bad(f"message {i} is not a {{'role', 'content'}} object")
+    vocab = model.args.vocab_size
+    ids = meta["ids"]
+    if not all(isinstance(t, int) and not isinstance(t, bool) and 0 <= t < vocab for t in ids):
+        raise bad("its token ids are not ids of this model's vocabulary")
+    count = meta["layers"]
+    if count != len(model.layers) or len(layers) < count:
+        raise bad(f"it holds {len(layers)} layers, the model has {len(model.layers)}")
+    snaps = meta["snapshots"]
+    if not all(isinstance(n, int) and 0 < n < len(ids) for n in snaps) or snaps != sorted(set(snaps)):
+        raise bad("its snapshot positions are not increasing positions inside the conversation")
+    mambas = sum(1 for layer in model.layers if layer.kind == "mamba")
+    if len(layers) != count + mambas * len(snaps):
+        raise bad("its snapshots do not match its layers")
+    expect = cache_shapes(model)
+    for i, layer in enumerate(layers):
+        j = i if i < count else [k for k, lay in enumerate(model.layers) if lay.kind == "mamba"][
+            (i - count) % mambas
+        ]
+        kind = model.layers[j].kind
+        if (kind == "attention") != isinstance(layer, KVCache):
+            raise bad(f"layer {j} is {kind} in the model but not in the file")
+        arrays = layer.arrays
+        if not arrays and (ids or i >= count):
+            raise bad(f"layer {j} holds no state")
+        for name, arr in arrays.items():
+            want = expect[j][name]
+            got = tuple(arr.shape)
+            if name in ("keys", "values"):
+                if got[:2] + got[3:] != want[:2] + want[3:] or got[2] != len(ids):
+                    raise bad(f"layer {j} {name} have shape {got}, expected "
+                              f"{want[:2] + (len(ids),) + want[3:]}")  # fmt: skip
+            elif got != want:
+                raise bad(f"layer {j} {name} has shape {got}, expected {want}")
+    if ids and any(c.offset != len(ids) for c in layers[:count] if isinstance(c, KVCache)):
+        raise bad("its cache length disagrees with its token ids")
+
+
+def cache_shapes(model: Model) -> list[dict[str, tuple]]:
+    """Per layer, the shape of each array a one-row cache holds (K/V with length 0)."""
+    out = []
+    for layer in model.layers:
+        if layer.kind == "attention":
+            a = layer.self_attn
+            shape = (1, a.n_kv_heads, 0, a.head_dim)
+            out.append({"keys": shape, "values": shape})
+        else:
+            m = layer.mamba
+            out.append({
+                "conv_state": (1, m.d_conv - 1, m.conv_dim),
+                "ssm_state": (1, m.n_heads, m.head_dim, m.d_state),
+            })  # fmt: skip
+    return out
+

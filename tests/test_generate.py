@@ -200,17 +200,18 @@ def test_tool_call_streamed_in_pieces_never_shows_markup():
     responses, _ = forced_run("Let me check." + call)
     assert "".join(r.text for r in responses) == "Let me check."
     assert not any("<" in r.text or "{" in r.text for r in responses)
-    calls = [c for r in responses for c in r.tool_calls]
+    calls = responses[-1].tool_calls  # the final response lists every call
     assert len(calls) == 1 and calls[0].valid
     assert calls[0].name == "get_weather" and calls[0].arguments == {"city": "Boston"}
-    # Reported at the step that closed it, before the final (EOS) response.
-    assert responses[-1].tool_calls == [] and responses[-2].tool_calls == calls
+    # Reported first at the step that closed it, before the final (EOS) response.
+    assert responses[-2].tool_calls == calls
+    assert [c for r in responses[:-1] for c in r.tool_calls] == calls
 
 
 def test_tool_call_with_bad_json_is_reported_invalid_not_raised():
     bad = '<tool_call>\n{"name": "get_weather", "arguments": {city: Boston}\n</tool_call>'
     responses, _ = forced_run(bad)
-    calls = [c for r in responses for c in r.tool_calls]
+    calls = responses[-1].tool_calls
     assert len(calls) == 1 and not calls[0].valid and "JSON" in calls[0].error
     assert "".join(r.text for r in responses) == ""
 
@@ -366,7 +367,7 @@ def test_prefill_reserves_the_kv_cache_once():
     """The KV buffers are sized for the whole prompt after the first chunk, so a
     long prefill never copies them (old and new alive together) as it goes."""
     from granite_mlx.cache import KVCache
-    from granite_mlx.generate import default_prefill_step_size, prefill
+    from granite_mlx.engine import default_prefill_step_size, feed
     from granite_mlx.shapes import random_model
 
     model = random_model("1b", dtype=mx.float32, hidden_size=32, num_attention_heads=2,
@@ -376,13 +377,11 @@ def test_prefill_reserves_the_kv_cache_once():
     kv = cache[0]
     assert isinstance(kv, KVCache)
     capacities = []
-
-    def progress(done, total):
-        if done:
-            capacities.append(kv.keys.shape[2])
-
     tokens = mx.random.randint(0, 100, (1, 700), key=mx.random.key(1))
-    prefill(model, cache, tokens, 64, progress, None)
+    ids = tokens[0].tolist()
+    for i in range(0, 699, 64):  # as the engine prefills: all but the last token
+        feed(model, cache, ids[i : min(i + 64, 699)], 700)
+        capacities.append(kv.keys.shape[2])
     assert kv.offset == 699 and capacities[0] >= 700 and len(set(capacities)) == 1
     assert mx.default_device() != mx.cpu or default_prefill_step_size() == 256
     full = model(tokens)[:, -1]
