@@ -31,7 +31,7 @@ from typing import Any
 
 from .cache import Cache, KVCache, MambaCache, cache_length, load_cache, save_cache
 from .chat_format import encode_prompt, message_boundaries
-from .errors import GraniteError
+from .errors import CheckpointError, GraniteError
 from .generate import GenerationResponse, make_request, run_request
 from .model import Model
 from .prompt_cache import PromptCache
@@ -268,7 +268,10 @@ class ChatSession:
     @classmethod
     def load(cls, path: str | os.PathLike, model: Model, tokenizer: Any) -> ChatSession:
         """Resume a session written by `save` with the same model (the same weights)."""
-        layers, meta = load_cache(path)
+        try:
+            layers, meta = load_cache(path)
+        except CheckpointError as exc:
+            raise SessionError(f"{exc} It is not a chat session this version can resume.") from exc
         if meta.get("session") != SESSION_FORMAT:
             raise SessionError(f"{path} is not a saved chat session (or one from an older "
                                "version): start the chat afresh.")  # fmt: skip

@@ -386,3 +386,60 @@ def test_prefill_reserves_the_kv_cache_once():
     assert mx.default_device() != mx.cpu or default_prefill_step_size() == 256
     full = model(tokens)[:, -1]
     assert mx.allclose(model(tokens[:, -1:], cache)[:, -1], full, atol=1e-4)
+
+
+# --------------------------------------------------------------------------
+# Library misuse: one GenerationError naming the option, at the call
+# --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("options", "name"),
+    [
+        ({"max_tokens": "100"}, "max_tokens"),
+        ({"max_tokens": 2.5}, "max_tokens"),
+        ({"max_tokens": True}, "max_tokens"),
+        ({"temperature": "hot"}, "temperature"),
+        ({"temperature": float("inf")}, "temperature"),
+        ({"temperature": None}, "temperature"),
+        ({"top_p": float("nan")}, "top_p"),
+        ({"top_k": 1.5}, "top_k"),
+        ({"top_k": 10**9}, "top_k"),
+        ({"repetition_penalty": float("nan")}, "repetition_penalty"),
+        ({"seed": -1}, "seed"),
+        ({"seed": 1e23}, "seed"),
+        ({"stop": 5}, "stop"),
+        ({"stop": ["ok", 5]}, "stop"),
+        ({"logits_processors": [1]}, "logits_processors"),
+        ({"top_logprobs": 99}, "top_logprobs"),
+        ({"prefill_step_size": 0}, "prefill_step_size"),
+    ],
+)
+def test_options_of_the_wrong_type_are_one_clear_error(options, name):
+    model, tokenizer = tiny("hybrid_nope")
+    with pytest.raises(GenerationError, match=name):
+        stream_generate(model, tokenizer, [1, 2, 3], **options)
+
+
+def test_batch_generate_refuses_a_single_string():
+    from granite_mlx import batch_generate
+
+    model, tokenizer = tiny("hybrid_nope")
+    with pytest.raises(GenerationError, match="list of prompts"):
+        batch_generate(model, tokenizer, "one string")
+
+
+def test_complete_returns_the_text_and_every_tool_call():
+    from granite_mlx import complete
+
+    _, tokenizer = real_vocab()
+    call = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Boston"}}\n</tool_call>'
+    text = "Checking." + call
+    model, tokenizer = real_vocab()
+    forced = tokenizer.encode(text, add_special_tokens=False) + [EOS]
+    result = complete(model, tokenizer, "Weather?", logits_processors=[force(forced)])
+    assert result.text == "Checking." and result.finish_reason == "stop"
+    assert [c.name for c in result.tool_calls] == ["get_weather"]
+    assert result.tool_calls[0].arguments == {"city": "Boston"}
+    assert result.tokens == forced and result.generation_tokens == len(forced)
+    assert generate(model, tokenizer, "Weather?", logits_processors=[force(forced)]) == "Checking."

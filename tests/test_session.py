@@ -203,3 +203,86 @@ def test_from_messages_set_system_and_errors():
     s.set_system("Be verbose.")  # the prefix changed: everything is prefilled again
     list(s.send("Really?", max_tokens=2))
     assert s.last_prefill_tokens == len(conversation_ids(tokenizer, s, s.messages[:-1]))
+
+
+# --------------------------------------------------------------------------
+# Session files that do not match: refused, never reused wrongly
+# --------------------------------------------------------------------------
+
+
+def saved_session(tmp_path, name="chat.granite"):
+    model, tokenizer = real_vocab()
+    s = ChatSession(model, tokenizer, system="Be brief.")
+    list(s.send("Capital of France?", max_tokens=3))
+    list(s.send("And of Italy?", max_tokens=3))
+    path = tmp_path / name
+    s.save(path)
+    return s, path
+
+
+def test_sessions_save_and_load_under_any_name_and_leave_no_partial_file(tmp_path):
+    s, path = saved_session(tmp_path, "chat.granite")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["chat.granite"]
+    assert (path.stat().st_mode & 0o777) == 0o600  # a conversation is the user's alone
+    resumed = ChatSession.load(path, s.model, s.tokenizer)
+    assert resumed.messages == s.messages and resumed.context_tokens == s.context_tokens
+    # A failed save (a message that is not JSON) leaves nothing behind.
+    s.messages.append({"role": "user", "content": object()})
+    with pytest.raises(SessionError, match="not JSON"):
+        s.save(tmp_path / "other.granite")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["chat.granite"]
+
+
+def rewrite(path, edit):
+    """Load a saved session's arrays and metadata, let `edit` change them, write back."""
+    import mlx.core as mx
+
+    arrays, meta = mx.load(str(path), format="safetensors", return_metadata=True)
+    inner = json.loads(meta["metadata"])
+    edit(arrays, inner, meta)
+    meta["metadata"] = json.dumps(inner)
+    tmp = path.with_name("x.safetensors")
+    mx.save_safetensors(str(tmp), arrays, metadata=meta)
+    tmp.replace(path)
+
+
+@pytest.mark.parametrize(
+    ("edit", "match"),
+    [
+        (lambda a, m, meta: m.update(ids=m["ids"][:-3]), "damaged"),  # ids shorter than the cache
+        (lambda a, m, meta: m.pop("ids"), "damaged"),  # a missing key
+        (lambda a, m, meta: m.update(ids=[10**7] + m["ids"][1:]), "vocabulary"),
+        (lambda a, m, meta: m.update(snapshots=[10**6]), "snapshot"),
+        (lambda a, m, meta: m.update(messages="hi"), "damaged"),
+        (lambda a, m, meta: meta.update(kinds=json.dumps(["attention", "mamba"] * 2 + ["mamba"]
+                                                         * (len(json.loads(meta["kinds"])) - 4)))
+         , "damaged"),  # kinds swapped
+        (lambda a, m, meta: a.update({"layers.0.ssm_state": a["layers.0.ssm_state"][:, :2]}),
+         "shape"),
+        (lambda a, m, meta: meta.update(kinds="not json"), "damaged"),
+    ],
+)
+def test_damaged_session_files_are_refused(tmp_path, edit, match):
+    s, path = saved_session(tmp_path)
+    rewrite(path, edit)
+    with pytest.raises(SessionError, match=match):
+        ChatSession.load(path, s.model, s.tokenizer)
+
+
+def test_a_session_of_other_weights_of_the_same_shape_is_refused(tmp_path):
+    import mlx.core as mx
+
+    from granite_mlx import load
+
+    s, path = saved_session(tmp_path)
+    from test_generate import real_vocab_folder
+
+    tuned, tokenizer = load(real_vocab_folder(), dtype="float32")  # the same checkpoint...
+    assert ChatSession.load(path, tuned, tokenizer).messages == s.messages
+    w = tuned.model.layers[0].mamba.out_proj.weight
+    tuned.model.layers[0].mamba.out_proj.weight = w + 1e-3 * mx.ones_like(w)  # ... fine-tuned
+    with pytest.raises(SessionError, match="different model"):
+        ChatSession.load(path, tuned, tokenizer)
+    (tmp_path / "junk.granite").write_bytes(b"not a session at all")
+    with pytest.raises(SessionError):
+        ChatSession.load(tmp_path / "junk.granite", s.model, s.tokenizer)
