@@ -551,7 +551,10 @@ class Engine:
             # Queue the next pass before reading this one. A row whose in-flight token
             # is its last (max_tokens) is not fed again.
             feed = [i for i, r in enumerate(rows) if not r.last_is_due(r.n + 1)]
-            inputs = old.tokens[mx.array(feed, dtype=mx.int32)] if feed else None
+            if len(feed) == len(rows):
+                inputs = old.tokens
+            else:
+                inputs = old.tokens[mx.array(feed, dtype=mx.int32)] if feed else None
             self._retire([i for i in range(len(rows)) if i not in feed], keep_rows=feed)
             if joins:
                 host = mx.array([r.last for r in joins], dtype=mx.int32)
