@@ -66,13 +66,13 @@ class CompiledDecoder:
     def _check_kernel(self) -> None:
         """Run the fused kernel's one-time self-check now: it evaluates arrays,
         which cannot happen inside the compiled step's trace."""
-        from .kernels.ssm_step import _detect_backend, kernel_self_check
+        from .ssm import check_decode_kernel
 
         mixer = next((layer.mamba for layer in self.model.layers if layer.kind == "mamba"), None)
-        if mixer is None or _detect_backend() is None or reference_forced():
+        if mixer is None or reference_forced():
             return
         activations = self.model.model.norm.weight.dtype  # norms are never quantized
-        kernel_self_check(
+        check_decode_kernel(
             mixer.n_heads, mixer.head_dim, mixer.d_state, mixer.n_groups, mixer.d_conv,
             activations, mixer.conv1d.weight.dtype,
         )  # fmt: skip

@@ -14,13 +14,17 @@ Per head, with state S (p x n) kept in float32:
 Head h reads group h // (h / g) of B and C.
 
 `selective_scan` and `decode_step` are the single dispatch points: fused kernels
-(granite_mlx.kernels) plug in there without the model knowing.
+(granite_mlx.kernels) plug in there without the model knowing. This module owns
+the dispatch and the oracle: it hands `decode_step_reference` to the kernel
+module for its self-check, and the kernel module never imports this one.
 """
 
 from __future__ import annotations
 
 import mlx.core as mx
 from mlx import nn
+
+from .kernels import ssm_step as _fused
 
 
 def softplus(x: mx.array) -> mx.array:
@@ -97,8 +101,11 @@ def ssd_chunked_scan(
     scores = (C @ B.swapaxes(-1, -2)) * decay  # (b,c,g,hg,q,q)
     y = scores @ xdt  # (b,c,g,hg,q,p)
 
-    # 3. The state each chunk leaves behind, as if it started from zero.
-    to_end = mx.exp(a_cum[..., -1:] - a_cum)  # (b,c,g,hg,q)
+    # 3. The state each chunk leaves behind, as if it started from zero. The decay
+    # from each position to the chunk's end is the segment sum's last row, summed
+    # term by term; exp(a_cum[-1] - a_cum) would difference two large sums and
+    # lose up to 6e-4 relative under strong decay.
+    to_end = decay[..., -1, :]  # (b,c,g,hg,q)
     chunk_states = (xdt * to_end[..., None]).swapaxes(-1, -2) @ B  # (b,c,g,hg,p,n)
 
     # 4. Carry the state across chunks: a short sequential loop, one step per chunk.
@@ -294,10 +301,26 @@ def decode_step(
     """The decode dispatch point (arguments as `decode_step_reference`): the fused
     kernel on an Apple (Metal) or NVIDIA (CUDA) GPU, plain MLX ops otherwise or
     when GRANITE_MLX_REFERENCE=1 (see granite_mlx.kernels)."""
-    from .kernels import fused_ssm_step
-
     args = (xBC, conv_state, conv_weight, conv_bias, dt, dt_bias, A, D, state)
-    out = fused_ssm_step(*args, *time_step_limit, n_groups)
+    out = _fused.fused_ssm_step(*args, time_step_limit, n_groups, oracle=decode_step_reference)
     if out is None:
         out = decode_step_reference(*args, time_step_limit, n_groups)
     return out
+
+
+def check_decode_kernel(
+    n_heads: int,
+    head_dim: int,
+    d_state: int,
+    n_groups: int,
+    d_conv: int,
+    dtype: mx.Dtype,
+    weight_dtype: mx.Dtype,
+) -> bool:
+    """Run the fused kernel's one-time self-check for this shape and these dtypes
+    now (it evaluates arrays, which a compiled graph's trace cannot); whether the
+    kernel will be used. False on the CPU or with GRANITE_MLX_REFERENCE=1."""
+    return _fused.kernel_self_check(
+        n_heads, head_dim, d_state, n_groups, d_conv, dtype, weight_dtype,
+        oracle=decode_step_reference,
+    )  # fmt: skip

@@ -1,22 +1,26 @@
-"""The fused Mamba2 decode step: reference vs a numpy loop, the shared kernel
-body executed through the C++ emulation vs the reference, the fallback and
-self-check logic, and the Metal/CUDA sources as MLX would generate them,
-parsed by g++ against stub definitions of the GPU builtins.
+"""The fused Mamba2 decode step: the plain reference (granite_mlx.ssm) vs a numpy
+loop, the shared kernel body executed through the C++ emulation vs that
+reference on the raw arguments, the fallback and self-check logic, and the
+Metal/CUDA sources as MLX would generate them, parsed by g++ against stub
+definitions of the GPU builtins.
 
 Shapes: b batch, H heads, P head_dim, N d_state, G groups, K d_conv = 4.
 """
 
 from __future__ import annotations
 
+import ast
 import logging
 import math
 import re
 import subprocess
+from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
 import pytest
 
+from granite_mlx import ssm
 from granite_mlx.kernels import ssm_step as S
 from granite_mlx.kernels.emulate import EmulatedKernel, find_compiler
 from granite_mlx.kernels.sources import kernel_source
@@ -25,11 +29,16 @@ INF = float("inf")
 ARG_NAMES = ("xBC", "conv_state", "conv_w", "conv_b", "dt", "dt_bias", "A", "D", "state")
 
 
-def make_problem(b, H, P, N, G, dtype=mx.float32, dt_limits=(1e-3, INF), seed=0, K=4):
+def make_problem(
+    b, H, P, N, G, dtype=mx.float32, dt_limits=(1e-3, INF), seed=0, K=4, weight_dtype=None
+):
     """Random fused_ssm_step arguments, with dt values that reach both softplus
-    branches and both clamps."""
+    branches and both clamps. Dtypes as the model holds them: activations
+    `dtype`, conv weight and bias `weight_dtype` (default `dtype`), A, D and
+    dt_bias float32."""
     rng = np.random.default_rng(seed)
     conv_dim = H * P + 2 * G * N
+    wt = dtype if weight_dtype is None else weight_dtype
 
     def arr(shape, scale=1.0, dt=dtype):
         return mx.array((scale * rng.standard_normal(shape)).astype(np.float32)).astype(dt)
@@ -40,17 +49,29 @@ def make_problem(b, H, P, N, G, dtype=mx.float32, dt_limits=(1e-3, INF), seed=0,
     return {
         "xBC": arr((b, conv_dim)),
         "conv_state": arr((b, K - 1, conv_dim)),
-        "conv_w": arr((conv_dim, K), 0.5),
-        "conv_b": arr((conv_dim,), 0.5),
+        "conv_w": arr((conv_dim, K), 0.5, wt),
+        "conv_b": arr((conv_dim,), 0.5, wt),
         "dt": mx.array(dt).astype(dtype),
-        "dt_bias": arr((H,)),
+        "dt_bias": arr((H,), dt=mx.float32),
         "A": -mx.exp(mx.array(rng.uniform(-2.0, 2.0, H).astype(np.float32))),
-        "D": arr((H,)),
+        "D": arr((H,), dt=mx.float32),
         "state": arr((b, H, P, N), dt=mx.float32),
-        "dt_min": dt_limits[0],
-        "dt_max": dt_limits[1],
+        "time_step_limit": dt_limits,
         "n_groups": G,
     }
+
+
+def reference(p):
+    """The plain reference step (the oracle) on the raw arguments."""
+    args = [p[k] for k in ARG_NAMES]
+    return ssm.decode_step_reference(*args, p["time_step_limit"], p["n_groups"])
+
+
+def fused(p):
+    return S.fused_ssm_step(
+        *(p[k] for k in ARG_NAMES), p["time_step_limit"], p["n_groups"],
+        oracle=ssm.decode_step_reference,
+    )  # fmt: skip
 
 
 def f64(a: mx.array) -> np.ndarray:
@@ -79,7 +100,7 @@ def numpy_step(p):
             C = c[d_inner + (G + g) * N : d_inner + (G + g + 1) * N]
             v = dt[i, h] + dt_bias[h]
             d = v if v > 20.0 else math.log1p(math.exp(v))
-            d = min(max(d, p["dt_min"]), p["dt_max"])
+            d = min(max(d, p["time_step_limit"][0]), p["time_step_limit"][1])
             for pp in range(P):
                 new_state[i, h, pp] = math.exp(d * A[h]) * state[i, h, pp] + d * x[pp] * B
                 y[i, h, pp] = new_state[i, h, pp] @ C + D[h] * x[pp]
@@ -115,27 +136,22 @@ CASES = {
 def test_reference_matches_numpy_loop(b, H, P, N, G, dtype, limits):
     p = make_problem(b, H, P, N, G, dtype, limits, seed=1)
     want = numpy_step(p)
-    got = S.ssm_step_reference(**p)
+    got = reference(p)
     assert got[1].dtype == dtype and got[0].dtype == got[2].dtype == mx.float32
     for name, g, w in zip(S.OUTPUT_NAMES, got, want):
         assert_close(g, w, name=name)
 
 
-@pytest.mark.parametrize("layout", [(1, 4), (4, 1)])
-def test_reference_accepts_checkpoint_conv_layouts(layout):
-    """Hub conv1d weights are (conv_dim, 1, K), mlx-community ones (conv_dim, K, 1)."""
-    p = make_problem(1, 4, 8, 16, 2)
-    want = S.ssm_step_reference(**p)
-    p["conv_w"] = p["conv_w"].reshape(p["conv_w"].shape[0], *layout)
-    for g, w in zip(S.ssm_step_reference(**p), want):
-        assert mx.array_equal(g, w).item()
-
-
-def test_reference_rejects_mismatched_shapes():
-    p = make_problem(1, 4, 8, 16, 2)
-    p["dt"] = p["dt"][:, :3]
-    with pytest.raises(ValueError, match="dt has shape"):
-        S.ssm_step_reference(**p)
+def test_kernel_modules_never_import_the_model_side():
+    """ssm.py owns the dispatch and the oracle and passes the oracle in: nothing in
+    kernels/ imports from outside kernels/ in granite_mlx (no import circle)."""
+    for path in Path(S.__file__).parent.glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom):
+                outside = node.level > 1 or (node.module or "").startswith("granite_mlx")
+                assert not outside, f"{path.name} imports {'.' * node.level}{node.module}"
+            elif isinstance(node, ast.Import):
+                assert not any(a.name.startswith("granite_mlx") for a in node.names), path.name
 
 
 @pytest.fixture
@@ -156,23 +172,71 @@ def emulated(fresh_kernel_state, monkeypatch):
 def test_fused_returns_none_without_gpu(fresh_kernel_state):
     if S._detect_backend() is not None:
         pytest.skip("a GPU backend is present; test_gpu_kernel_matches_reference covers it")
-    assert S.fused_ssm_step(**make_problem(1, 4, 8, 16, 2)) is None
-    assert not S.kernel_self_check(4, 8, 16, 2)
+    assert fused(make_problem(1, 4, 8, 16, 2)) is None
+    assert not ssm.check_decode_kernel(4, 8, 16, 2, 4, mx.float32, mx.float32)
 
 
 @pytest.mark.parametrize("case", CASES)
 def test_emulated_kernel_matches_reference(emulated, case):
     b, H, P, N, G, dtype, limits = CASES[case]
     p = make_problem(b, H, P, N, G, dtype, limits, seed=2)
-    got = S.fused_ssm_step(**p)
+    got = fused(p)
     assert got is not None, S._state.disabled
-    want = S.ssm_step_reference(**p)
+    want = reference(p)
     for name, g, w in zip(S.OUTPUT_NAMES, got, want):
         assert g.dtype == w.dtype, name
         if name == "new_conv_state":
             assert mx.array_equal(g, w).item()  # raw copies; a missed channel stays NaN
         else:
             assert_close(g, w, name=name)
+
+
+def test_emulated_kernel_keeps_float32_parameters_beside_bf16_weights(emulated):
+    """The model holds conv1d in bf16 but dt_bias and D in float32: the kernel must
+    read them in float32, as the reference does. (Cast to the conv weight's
+    dtype, dt moved by up to 1.4% and y by up to 0.02 here.)"""
+    p = make_problem(2, 8, 32, 128, 1, mx.bfloat16, (0.0, INF), seed=3)
+    p["dt_bias"] = p["dt_bias"] + 0.0123  # values bf16 cannot hold
+    p["D"] = p["D"] + 0.0071
+    assert p["conv_w"].dtype == mx.bfloat16 and p["dt_bias"].dtype == p["D"].dtype == mx.float32
+    got = fused(p)
+    assert got is not None, S._state.disabled
+    for name, g, w in zip(S.OUTPUT_NAMES, got, reference(p)):
+        assert_close(g, w, rtol=1e-5, name=name)
+
+
+@pytest.mark.parametrize("layout", [(1, 4), (4, 1)])
+def test_kernel_accepts_checkpoint_conv_layouts(emulated, layout):
+    """Hub conv1d weights are (conv_dim, 1, K), mlx-community ones (conv_dim, K, 1)."""
+    p = make_problem(1, 4, 8, 16, 2)
+    want = reference(p)
+    p["conv_w"] = p["conv_w"].reshape(p["conv_w"].shape[0], *layout)
+    for name, g, w in zip(S.OUTPUT_NAMES, fused(p), want):
+        assert_close(g, w, name=name)
+
+
+def test_kernel_rejects_mismatched_shapes(emulated):
+    p = make_problem(1, 4, 8, 16, 2)
+    p["dt"] = p["dt"][:, :3]
+    with pytest.raises(ValueError, match="dt has shape"):
+        fused(p)
+
+
+def test_self_check_oracle_sees_the_raw_arguments(emulated, monkeypatch, caplog):
+    """A lossy cast in the launch code (dt_bias and D to the conv weight's bf16, as
+    _prepare once did) is a mismatch: the oracle runs on the arguments as given."""
+    prepare = S._prepare
+
+    def lossy(xBC, conv_state, conv_w, conv_b, dt, dt_bias, A, D, state, n_groups):
+        args, dims = prepare(xBC, conv_state, conv_w, conv_b, dt, dt_bias, A, D, state, n_groups)
+        args = list(args)
+        args[5], args[7] = (a.astype(conv_w.dtype) for a in (args[5], args[7]))
+        return tuple(args), dims
+
+    monkeypatch.setattr(S, "_prepare", lossy)
+    with caplog.at_level(logging.WARNING, logger=S.__name__):
+        assert not ssm.check_decode_kernel(8, 32, 128, 1, 4, mx.bfloat16, mx.bfloat16)
+    assert "differs from the reference" in S._state.disabled
 
 
 def test_conv_state_written_exactly_once(emulated):
@@ -202,7 +266,7 @@ def test_conv_state_written_exactly_once(emulated):
 
 def test_env_var_forces_reference(emulated, monkeypatch):
     monkeypatch.setenv("GRANITE_MLX_REFERENCE", "1")
-    assert S.fused_ssm_step(**make_problem(1, 4, 8, 16, 2)) is None
+    assert fused(make_problem(1, 4, 8, 16, 2)) is None
 
 
 # Bugs the emulation must not let through: each edit breaks the real body.
@@ -228,7 +292,7 @@ def test_emulation_catches_broken_body(emulated, monkeypatch, bug):
         return EmulatedKernel(source=source.replace(old, new), **kw)
 
     monkeypatch.setitem(S._FACTORIES, "cpu", broken)
-    assert S.fused_ssm_step(**make_problem(1, 4, 8, 16, 2)) is None
+    assert fused(make_problem(1, 4, 8, 16, 2)) is None
     assert symptom in S._state.disabled
 
 
@@ -254,9 +318,9 @@ def test_self_check_disables_broken_kernel(fresh_kernel_state, monkeypatch, capl
     monkeypatch.setattr(FakeKernel, "calls", 0)
     p = make_problem(1, 4, 8, 16, 2)
     with caplog.at_level(logging.WARNING, logger=S.__name__):
-        assert S.fused_ssm_step(**p) is None
-        assert S.fused_ssm_step(**p) is None
-        assert not S.kernel_self_check(48, 32, 128, 1)
+        assert fused(p) is None
+        assert fused(p) is None
+        assert not ssm.check_decode_kernel(48, 32, 128, 1, 4, mx.float32, mx.float32)
     warnings = [r for r in caplog.records if r.name == S.__name__]
     assert len(warnings) == 1 and "disabled" in warnings[0].getMessage()
     assert FakeKernel.calls == 1  # the self-check only; never launched for real
@@ -400,12 +464,13 @@ def test_gpu_sources_parse_with_stubs(backend, tmp_path):
 
 
 def test_gpu_kernel_matches_reference(fresh_kernel_state):
-    """On a Mac or CUDA machine: the real kernel, at the H-350M shape."""
+    """On a Mac or CUDA machine: the real kernel, at the H-350M shape, against the
+    plain reference on the raw arguments (bf16 weights beside float32 A, D, dt_bias)."""
     if S._detect_backend() is None:
         pytest.skip("no Metal or CUDA backend on this machine")
     for dtype in (mx.float32, mx.bfloat16):
         p = make_problem(2, 48, 32, 128, 1, dtype, (0.0, INF), seed=3)
-        got = S.fused_ssm_step(**p)
+        got = fused(p)
         assert got is not None, S._state.disabled
-        for name, g, w in zip(S.OUTPUT_NAMES, got, S.ssm_step_reference(**p)):
+        for name, g, w in zip(S.OUTPUT_NAMES, got, reference(p)):
             assert_close(g, w, rtol=1e-4, name=name)

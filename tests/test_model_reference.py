@@ -1,9 +1,12 @@
 """Logits equal transformers' GraniteMoeHybridForCausalLM on the committed tiny
 checkpoints (made by make_reference.py), in every layout and through the cache."""
 
+import os
+
 import mlx.core as mx
+import numpy as np
 import pytest
-from conftest import CASES, REFERENCE, checkpoint
+from conftest import CASES, REFERENCE, TF32_SWITCH, checkpoint
 
 from granite_mlx import load_model
 
@@ -58,3 +61,14 @@ def test_cache_in_any_split_equals_full_forward(case):
         stepped = mx.concatenate(pieces, axis=1)
         assert rel_err(stepped, full) < 1e-5, split
         assert cache[0].offset == tokens.shape[1]
+
+
+def test_float32_products_run_in_full_float32():
+    """The suite's 1e-5 float32 tolerances need full float32 products; on CUDA
+    (and M5-class Apple GPUs) MLX would use TF32 (~1e-3 relative) unless told
+    not to, which conftest.py does for the suite and its subprocesses."""
+    assert os.environ.get(TF32_SWITCH) == "0"
+    rng = np.random.default_rng(0)
+    a, b = rng.standard_normal((64, 512)), rng.standard_normal((512, 64))
+    got = np.array(mx.array(a, mx.float32) @ mx.array(b, mx.float32))
+    assert np.abs(got - a @ b).max() / np.abs(a @ b).max() < 1e-5

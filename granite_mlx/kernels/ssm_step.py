@@ -14,13 +14,17 @@ One step per batch row (GRANITE.md, "The Mamba2 mixer", steps 2-5), in float32:
 ``fused_ssm_step`` runs all of it as one GPU launch per layer per token, Metal
 or CUDA, from a single kernel body (``ssm_step_body.h``) that the C++ emulation
 in the tests also executes. It returns None where no kernel can run (CPU, or
-the kernel was disabled), and the caller uses ``ssm_step_reference``, the
-pure-MLX version and the oracle.
+the kernel was disabled), and the caller uses its own pure-MLX step.
 
-Before the kernel's first launch for a given shape and dtype in a process,
-``kernel_self_check`` runs it on random inputs against the reference; a compile
+This module never imports the model side: ``granite_mlx.ssm`` owns the dispatch
+and hands in the *oracle*, its plain reference step
+(``ssm.decode_step_reference``), with the same arguments. Before the kernel's
+first launch for a given shape and dtype in a process, ``kernel_self_check``
+runs kernel and oracle on the same raw random inputs (the dtypes the model
+holds: bf16/fp16/fp32 weights, float32 ``A``, ``D`` and ``dt_bias``); a compile
 error or a mismatch logs one warning and disables the kernel for the rest of
-the process.
+the process. The oracle sees the arguments as given, not as the kernel's
+launch code prepared them, so a lossy cast there is a mismatch too.
 
 Environment:
     GRANITE_MLX_REFERENCE=1  always take the reference path (``fused_ssm_step``
@@ -87,17 +91,21 @@ class SSMDims:
 
 
 def _prepare(xBC, conv_state, conv_w, conv_b, dt, dt_bias, A, D, state, n_groups):
-    """Check shapes and settle dtypes, identically for both paths.
+    """Check shapes and settle the dtypes the kernel reads.
 
-    Activations (conv_state, dt) take xBC's dtype, weights (conv_b, dt_bias, D)
-    take conv_w's, A and state become float32. conv_w may come as (conv_dim, K),
-    (conv_dim, 1, K) (Hub) or (conv_dim, K, 1) (mlx-community); conv_b may be
-    None (no conv bias).
+    Activations (conv_state, dt) take xBC's dtype; conv_w keeps its own (the
+    bulk of the weight bytes); the small per-channel and per-head parameters
+    (conv_b, dt_bias, A, D) and the state become float32: a cast up is exact,
+    while casting dt_bias and D down to a bf16 conv weight's dtype moved dt by
+    up to 1.4% on the H-350M shape. Fixed dtypes also matter on Metal, where MLX
+    caches a kernel by its template arguments, not by its input dtypes.
+    conv_w may come as (conv_dim, K), (conv_dim, 1, K) (Hub) or (conv_dim, K, 1)
+    (mlx-community); conv_b may be None (no conv bias).
     """
     batch, n_heads, head_dim, d_state = state.shape
     dims = SSMDims(batch, n_heads, head_dim, d_state, n_groups, conv_state.shape[1] + 1)
     if conv_b is None:
-        conv_b = mx.zeros((dims.conv_dim,), conv_w.dtype)
+        conv_b = mx.zeros((dims.conv_dim,), mx.float32)
     expected = {
         "xBC": (xBC, (batch, dims.conv_dim)),
         "conv_state": (conv_state, (batch, dims.d_conv - 1, dims.conv_dim)),
@@ -120,58 +128,25 @@ def _prepare(xBC, conv_state, conv_w, conv_b, dt, dt_bias, A, D, state, n_groups
     if dims.d_conv < 2:
         raise ValueError("ssm step: conv_state must keep at least one past input")
 
-    act, wt = xBC.dtype, conv_w.dtype
+    act, f32 = xBC.dtype, mx.float32
     args = (
         xBC,
         conv_state.astype(act),
         conv_w.reshape(dims.conv_dim, dims.d_conv),
-        conv_b.astype(wt),
+        conv_b.astype(f32),
         dt.astype(act),
-        dt_bias.astype(wt),
-        A.astype(mx.float32),
-        D.astype(wt),
-        state.astype(mx.float32),
+        dt_bias.astype(f32),
+        A.astype(f32),
+        D.astype(f32),
+        state.astype(f32),
     )
     return args, dims
 
 
-def ssm_step_reference(
-    xBC: mx.array,
-    conv_state: mx.array,
-    conv_w: mx.array,
-    conv_b: mx.array | None,
-    dt: mx.array,
-    dt_bias: mx.array,
-    A: mx.array,
-    D: mx.array,
-    state: mx.array,
-    dt_min: float,
-    dt_max: float,
-    n_groups: int,
-) -> Arrays:
-    """One decode step in plain MLX ops (the CPU path and the kernel's oracle).
-
-    Args:
-        xBC: (b, conv_dim) new pre-conv input.
-        conv_state: (b, K-1, conv_dim) previous K-1 pre-conv inputs, oldest first.
-        conv_w: (conv_dim, K), or (conv_dim, 1, K) / (conv_dim, K, 1).
-        conv_b: (conv_dim,) or None.
-        dt: (b, H) raw, before dt_bias and softplus.
-        dt_bias: (H,)
-        A: (H,) = -exp(A_log).
-        D: (H,)
-        state: (b, H, P, N) float32.
-        dt_min, dt_max: clamp of softplus(dt + dt_bias); dt_max may be inf.
-        n_groups: G.
-
-    Returns:
-        y (b, H, P) float32, new_conv_state (b, K-1, conv_dim) in xBC's dtype,
-        new_state (b, H, P, N) float32.
-    """
-    from ..ssm import decode_step_reference  # one oracle for the kernel and the model
-
-    args, _ = _prepare(xBC, conv_state, conv_w, conv_b, dt, dt_bias, A, D, state, n_groups)
-    return decode_step_reference(*args, (dt_min, dt_max), n_groups)
+Oracle = Callable[..., Arrays]
+"""The plain reference step: ``oracle(xBC, conv_state, conv_w, conv_b, dt, dt_bias,
+A, D, state, (dt_min, dt_max), n_groups) -> (y, new_conv_state, new_state)``,
+the arguments (and results) of ``fused_ssm_step``."""
 
 
 def launch_plan(dims: SSMDims, act_dtype: mx.Dtype, weight_dtype: mx.Dtype):
@@ -262,7 +237,9 @@ def _launch(backend: str, args, dims: SSMDims, dt_min: float, dt_max: float) -> 
 
 
 def _random_problem(dims: SSMDims, act: mx.Dtype, wt: mx.Dtype, seed: int = 0) -> tuple:
-    """Arguments for fused_ssm_step / ssm_step_reference (dt_min 1e-3, dt_max inf)."""
+    """Raw arguments for fused_ssm_step and the oracle (dt limits (1e-3, inf)), in the
+    dtypes the model holds: activations `act`, conv weight and bias `wt`, and
+    A, D, dt_bias in float32 (granite_mlx.weights.FLOAT32_PARAMS)."""
     keys = mx.random.split(mx.random.key(seed), 9)
     H, cd, K = dims.n_heads, dims.conv_dim, dims.d_conv
 
@@ -275,22 +252,23 @@ def _random_problem(dims: SSMDims, act: mx.Dtype, wt: mx.Dtype, seed: int = 0) -
         normal(2, (cd, K), wt, 0.5),
         normal(3, (cd,), wt, 0.5),
         normal(4, (dims.batch, H), act, 2.0),
-        normal(5, (H,), wt),
+        normal(5, (H,), mx.float32),
         -mx.exp(mx.random.uniform(-2.0, 2.0, (H,), key=keys[6])),
-        normal(7, (H,), wt),
+        normal(7, (H,), mx.float32),
         normal(8, (dims.batch, H, dims.head_dim, dims.d_state), mx.float32),
-        1e-3,
-        float("inf"),
+        (1e-3, float("inf")),
         dims.n_groups,
     )
 
 
-def _mismatch(backend: str, dims: SSMDims, act: mx.Dtype, wt: mx.Dtype) -> str | None:
-    """Run kernel and reference on one random problem; describe any disagreement."""
+def _mismatch(
+    backend: str, dims: SSMDims, act: mx.Dtype, wt: mx.Dtype, oracle: Oracle
+) -> str | None:
+    """Run kernel and oracle on one random problem; describe any disagreement."""
     problem = _random_problem(dims, act, wt)
     args, _ = _prepare(*problem[:9], dims.n_groups)
-    got = _launch(backend, args, dims, problem[9], problem[10])
-    want = ssm_step_reference(*problem)
+    got = _launch(backend, args, dims, *problem[9])
+    want = oracle(*problem)
     mx.eval(got, want)
     for name, g, w in zip(OUTPUT_NAMES, got, want):
         if g.shape != w.shape or g.dtype != w.dtype:
@@ -314,13 +292,15 @@ def kernel_self_check(
     d_conv: int = 4,
     dtype: mx.Dtype = mx.float32,
     weight_dtype: mx.Dtype | None = None,
+    *,
+    oracle: Oracle,
 ) -> bool:
     """Whether the fused kernel may run for this shape and these dtypes.
 
     The first time a (backend, shape, dtypes) is asked for in a process, the
-    kernel runs once on random inputs (batch 2) against ssm_step_reference. A
-    compile error or mismatch logs one warning and disables the kernel for the
-    rest of the process. False as well where no kernel backend exists.
+    kernel runs once on random raw inputs (batch 2) against `oracle`. A compile
+    error or mismatch logs one warning and disables the kernel for the rest of
+    the process. False as well where no kernel backend exists.
     """
     if _reference_forced():
         return False
@@ -336,7 +316,7 @@ def kernel_self_check(
         if key in _state.checked:
             return True
         try:
-            problem = _mismatch(backend, dims, dtype, wt)
+            problem = _mismatch(backend, dims, dtype, wt, oracle)
         except Exception as e:  # noqa: BLE001 - a compile error surfaces here, at eval
             problem = f"{type(e).__name__}: {e}"
         if problem is not None:
@@ -363,15 +343,30 @@ def fused_ssm_step(
     A: mx.array,
     D: mx.array,
     state: mx.array,
-    dt_min: float,
-    dt_max: float,
+    time_step_limit: tuple[float, float],
     n_groups: int,
+    *,
+    oracle: Oracle,
 ) -> Arrays | None:
-    """ssm_step_reference as one GPU kernel launch, or None to use the reference.
+    """One decode step as one GPU kernel launch, or None to use the reference.
 
-    Same arguments, shapes and results as ssm_step_reference. None when
-    GRANITE_MLX_REFERENCE is set, on CPU, for dtypes other than float32,
-    float16 and bfloat16, or once the kernel has been disabled.
+    Args (b batch rows):
+        xBC: (b, conv_dim) new pre-conv input.
+        conv_state: (b, K-1, conv_dim) previous K-1 pre-conv inputs, oldest first.
+        conv_w: (conv_dim, K), or (conv_dim, 1, K) / (conv_dim, K, 1).
+        conv_b: (conv_dim,) or None.
+        dt: (b, H) raw, before dt_bias and softplus.
+        dt_bias, A (= -exp(A_log)), D: (H,)
+        state: (b, H, P, N) float32.
+        time_step_limit: (dt_min, dt_max), the clamp of softplus(dt + dt_bias).
+        n_groups: G.
+        oracle: the plain reference step with these same arguments, for the
+            one-time self-check.
+
+    Returns y (b, H, P) float32, new_conv_state (b, K-1, conv_dim) in xBC's
+    dtype, new_state (b, H, P, N) float32; or None when GRANITE_MLX_REFERENCE is
+    set, on CPU, for dtypes other than float32, float16 and bfloat16, or once
+    the kernel has been disabled.
     """
     if _reference_forced() or _state.disabled is not None:
         return None
@@ -383,7 +378,8 @@ def fused_ssm_step(
     if act not in _FLOAT_DTYPES or wt not in _FLOAT_DTYPES:
         return None
     if not kernel_self_check(
-        dims.n_heads, dims.head_dim, dims.d_state, dims.n_groups, dims.d_conv, act, wt
-    ):
+        dims.n_heads, dims.head_dim, dims.d_state, dims.n_groups, dims.d_conv, act, wt,
+        oracle=oracle,
+    ):  # fmt: skip
         return None
-    return _launch(backend, args, dims, dt_min, dt_max)
+    return _launch(backend, args, dims, *time_step_limit)

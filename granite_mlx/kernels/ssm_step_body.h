@@ -13,8 +13,8 @@
 // HEADDIM, DSTATE, NGROUPS, DCONV, NSIMD (simdgroups per threadgroup), ROWS
 // (head_dim rows per simdgroup).
 // Inputs:  xBC (B, CONV_DIM) T, conv_state (B, DCONV-1, CONV_DIM) T,
-//          conv_w (CONV_DIM, DCONV) WT, conv_b (CONV_DIM,) WT, dt (B, NHEADS) T,
-//          dt_bias (NHEADS,) WT, A (NHEADS,) f32, D (NHEADS,) WT,
+//          conv_w (CONV_DIM, DCONV) WT, conv_b (CONV_DIM,) f32, dt (B, NHEADS) T,
+//          dt_bias (NHEADS,) f32, A (NHEADS,) f32, D (NHEADS,) f32,
 //          state (B, NHEADS, HEADDIM, DSTATE) f32, dt_limits (2,) f32.
 // Outputs: y (B, NHEADS, HEADDIM) f32, new_conv_state (B, DCONV-1, CONV_DIM) T,
 //          new_state (B, NHEADS, HEADDIM, DSTATE) f32.
