@@ -106,7 +106,7 @@ def test_d_head_auto():
         ({"rope_theta": "abc"}, "rope_theta must be a finite number"),
         ({"max_position_embeddings": -5}, "max_position_embeddings must be a positive"),
         ({"max_position_embeddings": "big"}, "max_position_embeddings must be an integer"),
-        ({"embedding_multiplier": "12"}, "embedding_multiplier must be a finite number, found '1"),,
+        ({"embedding_multiplier": "12"}, "embedding_multiplier must be a finite number, found '1"),
         ({"residual_multiplier": float("nan")}, "residual_multiplier must be a finite number"),
         ({"logits_scaling": float("inf")}, "logits_scaling must be a finite number"),
         ({"vocab_size": 10**12}, "vocab_size must be an integer"),
