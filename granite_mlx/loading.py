@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import os
 import re
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 import mlx.core as mx
@@ -94,10 +94,7 @@ def weight_files(folder: Path) -> list[Path]:
     """The safetensors files of a checkpoint: from the shard index, or all of them."""
     index = folder / "model.safetensors.index.json"
     if index.is_file():
-        try:
-            names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        except (ValueError, KeyError, TypeError, AttributeError):
-            raise CheckpointError(f"{index} is damaged (no weight_map).") from None
+        names = _shard_names(index)
         missing = [n for n in names if not (folder / n).is_file()]
         if missing:
             raise CheckpointError(
@@ -111,6 +108,42 @@ def weight_files(folder: Path) -> list[Path]:
         hint = " (PyTorch .bin weights are not read: save them as safetensors)" if bins else ""
         raise CheckpointError(f"{folder} has no *.safetensors weights{hint}.")
     return files
+
+
+def _shard_names(index: Path) -> list[str]:
+    """The shard files an index names: strings, each a path inside the model folder."""
+    try:
+        weight_map = json.loads(index.read_text())["weight_map"]
+    except (ValueError, KeyError, TypeError):
+        raise CheckpointError(f"{index} is damaged (no weight_map). Download it again.") from None
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise CheckpointError(
+            f"{index} is damaged: weight_map is not an object of tensor -> file. Download it again."
+        )
+    names = set()
+    for tensor, shard in weight_map.items():
+        if not isinstance(shard, str) or not _inside(shard):
+            raise CheckpointError(
+                f"{index} is damaged: weight_map[{tensor!r}] is {shard!r}, which is not the name "
+                "of a file inside the model folder. Download the checkpoint again."
+            )
+        names.add(shard)
+    return sorted(names)
+
+
+def _inside(name: str) -> bool:
+    """A relative path that cannot leave its folder (judged on the text: Hub cache
+    snapshots are symlinks into a blob store, so resolving would leave it anyway)."""
+    path = PurePosixPath(name)
+    return (
+        bool(name)
+        and "\\" not in name
+        and "\0" not in name
+        and not path.is_absolute()
+        and not name.startswith("~")
+        and ".." not in path.parts
+        and path.parts != (".",)
+    )
 
 
 def read_weights(folder: Path) -> dict[str, mx.array]:
@@ -179,10 +212,21 @@ def check_weights(model: Model, weights: dict[str, mx.array], folder: Path) -> N
 
 
 def parse_dtype(dtype: str | mx.Dtype | None) -> mx.Dtype | None:
-    if dtype is None or isinstance(dtype, mx.Dtype):
+    """None, or one of the float dtypes weights can be cast to (by name or as mx.Dtype)."""
+    if dtype is None:
+        return None
+    if isinstance(dtype, mx.Dtype):
+        if dtype not in _DTYPES.values():
+            raise ConfigError(
+                f"dtype {dtype} is not a float type weights can be cast to; use one of "
+                f"{', '.join(sorted(_DTYPES))} (or None to keep the checkpoint's)."
+            )
         return dtype
-    if dtype not in _DTYPES:
-        raise ConfigError(f"dtype {dtype!r} is not one of {sorted(_DTYPES)}.")
+    if not isinstance(dtype, str) or dtype not in _DTYPES:
+        raise ConfigError(
+            f"dtype {dtype!r} is not one of {', '.join(sorted(_DTYPES))} (or None to keep the "
+            "checkpoint's)."
+        )
     return _DTYPES[dtype]
 
 

@@ -1,7 +1,9 @@
 """Check a safetensors file's header against its size before handing it to MLX.
 
 A truncated download or a damaged file must give a clear error, never a crash
-or a hang inside a native loader.
+or a hang inside a native loader: every header entry's types are checked
+(integer sizes and byte offsets, a known dtype), every tensor's byte range must
+fit its shape, lie inside the file and overlap no other tensor's.
 """
 
 from __future__ import annotations
@@ -45,23 +47,52 @@ def check_safetensors(path: Path) -> dict:
     except (UnicodeDecodeError, ValueError) as e:
         raise CheckpointError(f"{path} has a corrupt safetensors header ({e}). {fix}") from None
     data = size - 8 - n
-    end = 0
+    ranges = []
     for name, info in header.items():
         if name == "__metadata__":
             continue
-        try:
-            dtype, shape, (start, stop) = info["dtype"], info["shape"], info["data_offsets"]
-            need = math.prod(shape) * _DTYPE_BYTES[dtype]
-        except (KeyError, TypeError, ValueError):
-            raise CheckpointError(f"{path}: tensor {name!r} has a corrupt header entry. {fix}") from None
-        if stop - start != need or start < 0:
+        entry = _entry(path, name, info, fix)
+        ranges.append((entry[0], entry[1], name))
+    ranges.sort()
+    for (_, stop, first), (start, _, second) in zip(ranges, ranges[1:]):
+        if start < stop:
             raise CheckpointError(
-                f"{path}: tensor {name!r} ({dtype} {shape}) does not match its byte range. {fix}"
+                f"{path}: tensors {first!r} and {second!r} overlap in the file (corrupt header). "
+                f"{fix}"
             )
-        end = max(end, stop)
+    end = max((stop for _, stop, _ in ranges), default=0)
     if end > data:
         raise CheckpointError(
             f"{path} is truncated: its tensors need {end} bytes of data but only {data} are there. "
             f"{fix}"
         )
     return header
+
+
+def _is_count(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _entry(path: Path, name: str, info, fix: str) -> tuple[int, int]:
+    """A tensor's (start, stop) byte range, after checking its header entry's types."""
+    try:
+        dtype, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
+    except (KeyError, TypeError):
+        raise CheckpointError(f"{path}: tensor {name!r} has a corrupt header entry. {fix}") from None
+    if not isinstance(dtype, str) or dtype not in _DTYPE_BYTES:
+        raise CheckpointError(f"{path}: tensor {name!r} has an unknown dtype {dtype!r}. {fix}")
+    if not isinstance(shape, list) or not all(_is_count(d) for d in shape):
+        raise CheckpointError(
+            f"{path}: tensor {name!r} has a corrupt shape {shape!r} (not a list of sizes). {fix}"
+        )
+    if not isinstance(offsets, list) or len(offsets) != 2 or not all(map(_is_count, offsets)):
+        raise CheckpointError(
+            f"{path}: tensor {name!r} has corrupt data_offsets {offsets!r} (not two integer "
+            f"byte positions). {fix}"
+        )
+    start, stop = offsets
+    if stop - start != math.prod(shape) * _DTYPE_BYTES[dtype]:
+        raise CheckpointError(
+            f"{path}: tensor {name!r} ({dtype} {shape}) does not match its byte range. {fix}"
+        )
+    return start, stop

@@ -171,3 +171,106 @@ def test_other_model_type(tmp_path):
     (dst / "config.json").write_text(json.dumps(config))
     with pytest.raises(ConfigError, match="model_type is 'llama'"):
         load_model(dst)
+
+
+def rewrite_header(path, change):
+    """Apply `change` to the parsed safetensors header of `path`, keep the data."""
+    data = path.read_bytes()
+    n = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8 : 8 + n])
+    change(header)
+    raw = json.dumps(header).encode()
+    path.write_bytes(len(raw).to_bytes(8, "little") + raw + data[8 + n :])
+
+
+def first_tensors(header):
+    return sorted((k for k in header if k != "__metadata__"), key=lambda k: header[k]["data_offsets"])
+
+
+def _set(key, value, which=0):
+    def change(header):
+        header[first_tensors(header)[which]][key] = value
+
+    return change
+
+
+def _overlap(header):
+    a, b = first_tensors(header)[:2]
+    size = header[b]["data_offsets"][1] - header[b]["data_offsets"][0]
+    start = header[a]["data_offsets"][0]
+    header[b]["data_offsets"] = [start, start + size]
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (lambda h: _set("data_offsets", [float(x) for x in h[first_tensors(h)[0]]["data_offsets"]])(h),
+         "corrupt data_offsets"),
+        (lambda h: _set("data_offsets", [str(x) for x in h[first_tensors(h)[0]]["data_offsets"]])(h),
+         "corrupt data_offsets"),
+        (_set("data_offsets", [0]), "corrupt data_offsets"),
+        (_set("data_offsets", None), "corrupt data_offsets"),
+        (_set("shape", [2.0, "x"]), "corrupt shape"),
+        (_set("shape", "big"), "corrupt shape"),
+        (_set("dtype", ["F32"]), "unknown dtype"),
+        (_set("dtype", "F12"), "unknown dtype"),
+        (_overlap, "overlap"),
+    ],
+    ids=["float offsets", "string offsets", "one offset", "null offsets", "bad shape",
+         "string shape", "list dtype", "unknown dtype", "overlapping tensors"],
+)  # fmt: skip
+def test_damaged_safetensors_header_entries(tmp_path, change, message):
+    dst = copy_case(tmp_path)
+    rewrite_header(dst / "model.safetensors", change)
+    with pytest.raises(CheckpointError, match=message) as e:
+        load_model(dst)
+    assert "\n" not in str(e.value)
+
+
+def sharded_copy(tmp_path):
+    """hybrid_nope as two shards with an index."""
+    dst = copy_case(tmp_path)
+    weights = mx.load(str(dst / "model.safetensors"))
+    names = sorted(weights)
+    (dst / "model.safetensors").unlink()
+    half = len(names) // 2
+    weight_map = {}
+    for i, part in enumerate((names[:half], names[half:])):
+        file = f"model-{i + 1:05d}-of-00002.safetensors"
+        mx.save_safetensors(str(dst / file), {k: weights[k] for k in part})
+        weight_map.update(dict.fromkeys(part, file))
+    return dst, weight_map
+
+
+@pytest.mark.parametrize(
+    "bad", [7, None, ["model-00001-of-00002.safetensors"], "../hybrid_nope/model.safetensors",
+            "/etc/passwd", "~/model.safetensors", "", "sub\\..\\..\\x.safetensors"],
+)  # fmt: skip
+def test_index_naming_no_file_inside_the_folder_is_refused(tmp_path, bad):
+    dst, weight_map = sharded_copy(tmp_path)
+    # A real file outside the model folder: it must not be read.
+    shutil.copy(checkpoint("hybrid_nope") / "model.safetensors", tmp_path / "outside.safetensors")
+    weight_map[next(iter(weight_map))] = bad
+    (dst / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    with pytest.raises(CheckpointError, match="not the name of a file inside the model folder"):
+        load_model(dst)
+
+
+def test_index_without_a_weight_map_object(tmp_path):
+    dst, _ = sharded_copy(tmp_path)
+    for index in ({"weight_map": ["a"]}, {"weight_map": {}}, [], {"metadata": {}}):
+        (dst / "model.safetensors.index.json").write_text(json.dumps(index))
+        with pytest.raises(CheckpointError, match="damaged"):
+            load_model(dst)
+
+
+def test_sharded_index_still_loads(tmp_path):
+    dst, weight_map = sharded_copy(tmp_path)
+    (dst / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    assert mx.array_equal(logits_of(load_model(dst)), logits_of(load_model(checkpoint("hybrid_nope"))))
+
+
+@pytest.mark.parametrize("dtype", [mx.int32, mx.uint8, mx.bool_, "int8", 16, ["float32"]])
+def test_dtype_must_be_a_float_type(dtype):
+    with pytest.raises(ConfigError, match="dtype"):
+        load_model(checkpoint("hybrid_nope"), dtype=dtype)
