@@ -78,7 +78,8 @@ def _entry(path: Path, name: str, info, fix: str) -> tuple[int, int]:
     try:
         dtype, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
     except (KeyError, TypeError):
-        raise CheckpointError(f"{path}: tensor {name!r} has a corrupt header entry. {fix}") from None
+        msg = f"{path}: tensor {name!r} has a corrupt header entry. {fix}"
+        raise CheckpointError(msg) from None
     if not isinstance(dtype, str) or dtype not in _DTYPE_BYTES:
         raise CheckpointError(f"{path}: tensor {name!r} has an unknown dtype {dtype!r}. {fix}")
     if not isinstance(shape, list) or not all(_is_count(d) for d in shape):
