@@ -274,3 +274,54 @@ def test_sharded_index_still_loads(tmp_path):
 def test_dtype_must_be_a_float_type(dtype):
     with pytest.raises(ConfigError, match="dtype"):
         load_model(checkpoint("hybrid_nope"), dtype=dtype)
+
+
+# --- fingerprint_weights: the weights themselves, cheaply -------------------------
+
+
+def test_fingerprint_is_stable_across_loads_and_processes():
+    import subprocess
+    import sys
+
+    from granite_mlx import fingerprint_weights
+
+    a = fingerprint_weights(load_model(checkpoint("hybrid_nope")))
+    assert a == fingerprint_weights(load_model(checkpoint("hybrid_nope")))
+    code = (
+        "from granite_mlx import fingerprint_weights, load_model; "
+        f"print(fingerprint_weights(load_model({str(checkpoint('hybrid_nope'))!r})))"
+    )
+    other = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert other.stdout.strip() == a
+    assert a != fingerprint_weights(load_model(checkpoint("moe_hybrid")))
+
+
+@pytest.mark.parametrize("dtype", [None, "bfloat16"])
+@pytest.mark.parametrize("tensor", ["model.embed_tokens.weight", "model.layers.2.mamba.D",
+                                    "model.layers.1.self_attn.k_proj.weight"])  # fmt: skip
+def test_fingerprint_sees_a_fine_tune_of_one_tensor(tmp_path, dtype, tensor):
+    """Same config and shapes, one tensor moved by ~0.5% (what a fine-tune does to
+    the tensors it trains): another fingerprint."""
+    from granite_mlx import fingerprint_weights
+
+    dst = copy_case(tmp_path)
+    weights = mx.load(str(dst / "model.safetensors"))
+    assert tensor in weights
+    w = weights[tensor]
+    noise = mx.random.normal(w.shape, key=mx.random.key(0))
+    weights[tensor] = (w * (1 + 5e-3 * noise)).astype(w.dtype)
+    mx.save_safetensors(str(dst / "model.safetensors"), weights)
+    original = fingerprint_weights(load_model(checkpoint("hybrid_nope"), dtype=dtype))
+    assert fingerprint_weights(load_model(dst, dtype=dtype)) != original
+
+
+def test_fingerprint_sees_a_quantized_copy_and_another_dtype(tmp_path):
+    from mlx import nn
+
+    from granite_mlx import fingerprint_weights
+
+    model = load_model(checkpoint("hybrid_nope"))
+    original = fingerprint_weights(model)
+    assert fingerprint_weights(load_model(checkpoint("hybrid_nope"), dtype="bfloat16")) != original
+    nn.quantize(model, group_size=32, bits=8)
+    assert fingerprint_weights(model) != original
