@@ -5,15 +5,24 @@ Granite writes a call as ``<tool_call>\\n{"name": ..., "arguments": {...}}\\n</t
 text that can be shown now plus any calls completed so far. It never shows
 tool-call markup: a tail that might be the start of ``<tool_call>`` is held
 back until the next piece settles it. Bad calls become invalid
-:class:`ToolCall` objects; the parser never raises on model output.
+:class:`ToolCall` objects; the parser never raises on model output, whatever
+its JSON holds (nesting past the recursion limit, integers of more digits than
+Python converts, escaped lone surrogates). A call that passes is safe to send
+back through a chat template, a JSON export or a database: its arguments are
+at most MAX_DEPTH deep, hold only finite numbers and only encodable text. Given
+the declared tools, a call to any other name is invalid too.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import uuid
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
+
+from .surrogates import describe_surrogate, surrogate_at
 
 __all__ = [
     "TOOL_CALL_END",
@@ -22,10 +31,12 @@ __all__ = [
     "ToolCall",
     "ToolCallParser",
     "parse_tool_calls",
+    "tool_names",
 ]
 
 TOOL_CALL_START = "<tool_call>"
 TOOL_CALL_END = "</tool_call>"
+MAX_DEPTH = 100  # nesting of a call's JSON: far above any real schema, far below recursion
 
 
 def _new_call_id() -> str:
@@ -38,7 +49,8 @@ class ToolCall:
 
     ``raw`` is the call's full markup as generated, tags included, so an invalid
     call can be shown or logged exactly. ``valid`` is False (and ``error`` says
-    why) when the JSON is malformed, the name is missing, or the call never closed.
+    why) when the JSON is malformed or unsafe (see the module docstring), the
+    name is missing or names no declared tool, or the call never closed.
     """
 
     name: str
@@ -67,16 +79,52 @@ class ParseUpdate(NamedTuple):
     calls: list[ToolCall]
 
 
-def _decode_call(body: str, raw: str) -> ToolCall:
+def _finite(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"number {text} is out of range")
+    return value
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
+def _loads(text: str) -> Any:
+    """json.loads, refusing NaN / Infinity and numbers that overflow a float."""
+    return json.loads(text, parse_float=_finite, parse_constant=_no_constant)
+
+
+def _unsafe(data: Any) -> str | None:
+    """Why decoded JSON cannot travel further (too deep, unencodable text), or None."""
+    stack = [(data, 1)]
+    while stack:
+        value, depth = stack.pop()
+        if depth > MAX_DEPTH:
+            return f"tool call is nested deeper than {MAX_DEPTH} levels"
+        if isinstance(value, dict):
+            stack += [(k, depth) for k in value] + [(v, depth + 1) for v in value.values()]
+        elif isinstance(value, list):
+            stack += [(v, depth + 1) for v in value]
+        elif isinstance(value, str) and (i := surrogate_at(value)) is not None:
+            return f"tool call text is not valid Unicode ({describe_surrogate(value, i)})"
+    return None
+
+
+def _decode_call(body: str, raw: str, declared: frozenset[str] | None = None) -> ToolCall:
     """Build a ToolCall from the text between the tags."""
 
     def invalid(error: str, name: str = "") -> ToolCall:
         return ToolCall(name=name, arguments={}, raw=raw, valid=False, error=error)
 
     try:
-        data = json.loads(body)
+        data = _loads(body)
     except json.JSONDecodeError as exc:
         return invalid(f"malformed JSON in tool call: {exc}")
+    except (ValueError, RecursionError) as exc:  # a 5000-digit integer, NaN, [[[[...]]]]
+        return invalid(f"malformed JSON in tool call ({type(exc).__name__}: {exc})")
+    if (problem := _unsafe(data)) is not None:
+        return invalid(problem)
     if not isinstance(data, dict):
         return invalid(f"tool call must be a JSON object, got {type(data).__name__}")
     name = data.get("name")
@@ -89,12 +137,33 @@ def _decode_call(body: str, raw: str) -> ToolCall:
     if isinstance(args, str):
         # Arguments double-encoded as a JSON string, OpenAI style.
         try:
-            args = json.loads(args) if args.strip() else {}
-        except json.JSONDecodeError as exc:
+            args = _loads(args) if args.strip() else {}
+        except (ValueError, RecursionError) as exc:
             return invalid(f"arguments string is not valid JSON: {exc}", name)
+        if (problem := _unsafe(args)) is not None:
+            return invalid(problem, name)
     if not isinstance(args, dict):
         return invalid(f'"arguments" must be a JSON object, got {type(args).__name__}', name)
+    if declared is not None and name not in declared:
+        listed = ", ".join(sorted(declared)) or "none"
+        return ToolCall(
+            name=name, arguments=args, raw=raw, valid=False,
+            error=f"tool {name!r} was not declared (declared tools: {listed})",
+        )  # fmt: skip
     return ToolCall(name=name, arguments=args, raw=raw)
+
+
+def tool_names(tools: Iterable[str | Mapping[str, Any]]) -> frozenset[str]:
+    """The names of declared tools: given as names, or as OpenAI function schemas
+    (``{"type": "function", "function": {"name": ...}}`` or the bare function dict)."""
+    names = set()
+    for tool in tools:
+        if isinstance(tool, Mapping):
+            function = tool.get("function")
+            tool = (function if isinstance(function, Mapping) else tool).get("name")
+        if isinstance(tool, str) and tool:
+            names.add(tool)
+    return frozenset(names)
 
 
 def _held_back(text: str) -> int:
@@ -110,14 +179,19 @@ class ToolCallParser:
 
     Usage::
 
-        parser = ToolCallParser()
+        parser = ToolCallParser(tools=tools)   # tools: the declared ones, or None
         for piece in pieces:
             text, calls = parser.feed(piece)
             ...
         text, calls = parser.finish()
+
+    tools: the tools the model was offered (names or OpenAI function schemas).
+    A call to any other name comes back invalid. None (the default) checks no
+    names; an empty list declares none, so every call is invalid.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, tools: Iterable[str | Mapping[str, Any]] | None = None) -> None:
+        self._declared = None if tools is None else tool_names(tools)
         self._buffer = ""  # undecided text: a held-back tail, or an open call's body
         self._in_call = False
         self._scan_from = 0  # where to resume looking for </tool_call> in an open call
@@ -141,7 +215,7 @@ class ToolCallParser:
                     break
                 body = self._buffer[:end]
                 raw = TOOL_CALL_START + body + TOOL_CALL_END
-                calls.append(_decode_call(body, raw))
+                calls.append(_decode_call(body, raw, self._declared))
                 self._buffer = self._buffer[end + len(TOOL_CALL_END) :]
                 self._in_call = False
                 continue
@@ -165,7 +239,7 @@ class ToolCallParser:
             return ParseUpdate(buffer, [])
         raw = TOOL_CALL_START + buffer
         # Keep whatever name/arguments the JSON got to, to help the caller report it.
-        partial = _decode_call(buffer, raw)
+        partial = _decode_call(buffer, raw, self._declared)
         call = ToolCall(
             name=partial.name,
             arguments=partial.arguments,
@@ -176,12 +250,15 @@ class ToolCallParser:
         return ParseUpdate("", [call])
 
 
-def parse_tool_calls(text: str) -> tuple[str, list[ToolCall]]:
+def parse_tool_calls(
+    text: str, tools: Iterable[str | Mapping[str, Any]] | None = None
+) -> tuple[str, list[ToolCall]]:
     """Split finished output into its plain text and its tool calls.
 
     The text is everything outside the calls, unchanged (strip it if you want).
+    tools: the declared tools, as for :class:`ToolCallParser`.
     """
-    parser = ToolCallParser()
+    parser = ToolCallParser(tools)
     shown, calls = parser.feed(text)
     rest, more = parser.finish()
     return shown + rest, calls + more

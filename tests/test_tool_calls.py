@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import random
 from pathlib import Path
 
@@ -203,3 +204,73 @@ def test_with_real_tokens_through_the_detokenizer() -> None:
     assert [(c.name, c.arguments, c.valid) for c in calls] == [
         ("get_current_weather", {"city": "Boston"}, True)
     ]
+
+
+# --- Declared tools, and JSON that must never raise or travel on ------------------
+
+WEATHER = {"type": "function", "function": {"name": "get_current_weather", "parameters": {}}}
+
+
+@pytest.mark.parametrize(
+    "tools, valid",
+    [
+        (None, True),  # nothing declared to check against
+        (["get_current_weather"], True),
+        ([WEATHER], True),
+        ([WEATHER["function"]], True),
+        (["get_time"], False),
+        ([{"type": "function", "function": {"name": "get_time"}}], False),
+        ([], False),
+    ],
+)
+def test_a_call_to_an_undeclared_tool_is_invalid(tools, valid: bool) -> None:
+    for calls in (parse_tool_calls(CALL, tools=tools)[1], _stream_with(CALL, tools)):
+        (call,) = calls
+        assert call.valid is valid and call.name == "get_current_weather"
+        assert call.arguments == {"city": "Boston"}  # kept, to tell the model what it asked
+        if not valid:
+            assert "'get_current_weather' was not declared" in call.error
+
+
+def _stream_with(text: str, tools) -> list[ToolCall]:
+    parser, calls = ToolCallParser(tools=tools), []
+    for piece in _pieces(text, random.Random(0)):
+        calls += parser.feed(piece).calls
+    return calls + parser.finish().calls
+
+
+def _call(arguments: str, name: str = '"f"') -> str:
+    return '<tool_call>{"name": ' + name + ', "arguments": ' + arguments + "}</tool_call>"
+
+
+@pytest.mark.parametrize(
+    "text, error",
+    [
+        (_call('{"a": ' * 50_000 + "1" + "}" * 50_000), "RecursionError"),
+        (_call("[" * 150 + "]" * 150), "nested deeper than 100"),
+        (_call('{"n": ' + "9" * 5000 + "}"), "malformed JSON"),
+        (_call('"{\\"n\\": ' + "9" * 5000 + '}"'), "arguments string is not valid JSON"),
+        (_call('{"x": NaN}'), "malformed JSON"),
+        (_call('{"x": -Infinity}'), "malformed JSON"),
+        (_call('{"x": 1e999}'), "out of range"),
+        (_call('{"city": "\\ud800"}'), "lone surrogate \\ud800"),
+        (_call('{"\\udfff": 1}'), "lone surrogate \\udfff"),
+        (_call("{}", name='"f\\ud800"'), "lone surrogate"),
+        (_call('"{\\"city\\": \\"\\\\ud800\\"}"'), "lone surrogate"),
+    ],
+    ids=["deep nesting", "over MAX_DEPTH", "5000-digit integer", "5000 digits in a string",
+         "NaN", "Infinity", "float overflow", "lone surrogate value", "lone surrogate key",
+         "lone surrogate name", "lone surrogate in double-encoded arguments"],
+)  # fmt: skip
+def test_json_that_cannot_travel_on_is_invalid_never_raised(text: str, error: str) -> None:
+    for calls in (parse_tool_calls("a" + text + "b")[1], _stream_with(text, None)):
+        (call,) = calls
+        assert not call.valid and error in call.error, call.error
+        assert call.arguments == {}
+        json.dumps(call.to_openai())  # what reaches a client or an export is encodable
+        call.to_openai()["function"]["arguments"].encode("utf-8")
+
+
+def test_surrogate_pairs_are_fine() -> None:
+    (call,) = parse_tool_calls(_call('{"mood": "\\ud83d\\ude00"}'))[1]
+    assert call.valid and call.arguments == {"mood": "😀"}
