@@ -12,13 +12,23 @@ Messages are OpenAI-style dicts: ``{"role": ..., "content": ...}`` with roles
 system/user/assistant/tool; assistant messages may carry ``tool_calls``
 (``{"type": "function", "function": {"name", "arguments"}}``, arguments a dict
 or a JSON string). Content may also be a list of ``{"type": "text", "text"}``
-parts.
+parts. Text that cannot be encoded (a lone surrogate) is refused here, naming
+the message, before it can reach the tokenizer or a saved session.
+
+A checkpoint's template is untrusted code. Whatever it raises becomes a
+ChatFormatError, and it is bounded: it runs on a worker thread that is stopped
+after TEMPLATE_SECONDS, its output is cut off past TEMPLATE_MAX_CHARS, and the
+operations that could build a huge value in one step (``*``, ``**``, a filter or
+method given a huge count such as ``center(10**9)``) refuse operands past
+_MAX_OPERAND.
 """
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
 import json
+import threading
 from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime
 from functools import lru_cache
@@ -30,6 +40,7 @@ from jinja2.ext import Extension, loopcontrols
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from granite_mlx.errors import GraniteError
+from granite_mlx.text import describe_surrogate, surrogate_at
 
 __all__ = [
     "DEFAULT_SYSTEM_MESSAGE",
@@ -42,6 +53,10 @@ __all__ = [
 ]
 
 Message = Mapping[str, Any]
+
+TEMPLATE_SECONDS = 10.0  # a checkpoint's template that runs longer is stopped
+TEMPLATE_MAX_CHARS = 16_000_000  # ... or that writes more (128K tokens are ~0.5M chars)
+_MAX_OPERAND = 1_000_000  # repetition counts, lengths and integer bits inside a template
 
 DEFAULT_SYSTEM_MESSAGE = (
     "You are a helpful assistant. Please ensure responses are professional, accurate, and safe."
@@ -91,11 +106,18 @@ def _plain(value: Any, where: str) -> Any:
 
     Templates come from the Hub and are untrusted: they must never see objects
     whose methods could do harm, so (like transformers) we hand them copies.
+    Text that UTF-8 cannot encode is refused.
     """
-    if value is None or type(value) in (str, int, float, bool):
+    if isinstance(value, str):
+        if (i := surrogate_at(value)) is not None:
+            raise ChatFormatError(
+                f"{where} contains text that is not valid Unicode ({describe_surrogate(value, i)}"
+                "). Decode the text as UTF-8 (with errors='replace' if it is damaged)."
+            )
+        # str subclasses (enums) lose their extra methods
+        return value if type(value) is str else str.__str__(value)
+    if value is None or type(value) in (int, float, bool):
         return value
-    if isinstance(value, str):  # str subclasses (enums) lose their extra methods
-        return str.__str__(value)
     if isinstance(value, int):
         return int.__int__(value)
     if isinstance(value, float):
@@ -249,13 +271,74 @@ class _GenerationBlock(Extension):
         return caller()
 
 
+def _refuse_huge(values: Any) -> None:
+    """No count, width or length past _MAX_OPERAND reaches a template operation."""
+    for value in values:
+        if isinstance(value, int) and not isinstance(value, bool) and abs(value) > _MAX_OPERAND:
+            raise jinja2.exceptions.SecurityError(
+                f"the chat template asked for a count of {value}, above the limit {_MAX_OPERAND}"
+            )
+
+
+def _size(value: Any) -> int:
+    """What a value weighs for the limits: characters, items or integer bits."""
+    if isinstance(value, (str, list, tuple)):
+        return len(value)
+    if isinstance(value, int) and not isinstance(value, bool):
+        return abs(value).bit_length()
+    return 0
+
+
+class _BoundedSandbox(ImmutableSandboxedEnvironment):
+    """The sandbox, with no single step that builds a huge value."""
+
+    intercepted_binops = frozenset({"*", "**"})
+
+    def call_binop(self, context: Any, operator: str, left: Any, right: Any) -> Any:
+        big = 0  # about how many characters, items or bits the result would have
+        ints = isinstance(left, int) and isinstance(right, int)
+        if operator == "*":
+            seq, count = (left, right) if isinstance(right, int) else (right, left)
+            if isinstance(seq, (str, list, tuple)) and isinstance(count, int):
+                big = len(seq) * count
+            elif ints:
+                big = _size(left) + _size(right)
+        elif ints and abs(left) > 1:  # "**": bits(left) * right bits
+            big = _size(left) * right
+        if big > _MAX_OPERAND:
+            raise jinja2.exceptions.SecurityError(
+                f"the chat template's {operator!r} would build a value of about {big} "
+                f"characters, items or bits, above the limit {_MAX_OPERAND}"
+            )
+        return super().call_binop(context, operator, left, right)
+
+    def call(__self, __context: Any, __obj: Any, *args: Any, **kwargs: Any) -> Any:  # noqa: N805
+        _refuse_huge((*args, *kwargs.values()))
+        return super().call(__context, __obj, *args, **kwargs)
+
+
+def _bounded_filter(function: Callable[..., Any]) -> Callable[..., Any]:
+    """`function` refusing huge counts among its arguments (not its input value)."""
+    passed = getattr(function, "jinja_pass_arg", None)  # set by @pass_context & co.
+    skip = 2 if passed is not None else 1  # the context, then the filtered value
+
+    def bounded(*args: Any, **kwargs: Any) -> Any:
+        _refuse_huge((*args[skip:], *kwargs.values()))
+        return function(*args, **kwargs)
+
+    if passed is not None:
+        bounded.jinja_pass_arg = passed  # type: ignore[attr-defined]
+    return bounded
+
+
 @lru_cache(maxsize=16)
 def _compile(template: str) -> jinja2.Template:
-    env = ImmutableSandboxedEnvironment(
+    env = _BoundedSandbox(
         trim_blocks=True,
         lstrip_blocks=True,
         extensions=[_GenerationBlock, loopcontrols],
     )
+    env.filters = {name: _bounded_filter(f) for name, f in env.filters.items()}
     env.filters["tojson"] = _tojson
     env.globals["raise_exception"] = _raise_exception
     env.globals["strftime_now"] = _strftime_now
@@ -268,6 +351,65 @@ def _compile(template: str) -> jinja2.Template:
             f"The chat template is not valid Jinja (line {exc.lineno}: {exc.message}). "
             "Fix chat_template.jinja, or remove it to use the built-in Granite format."
         ) from exc
+    except Exception as exc:  # noqa: BLE001 - e.g. RecursionError on absurdly nested source
+        raise ChatFormatError(
+            f"The chat template could not be compiled ({type(exc).__name__}: {exc}). "
+            "Fix chat_template.jinja, or remove it to use the built-in Granite format."
+        ) from exc
+
+
+class _Stopped(SystemExit):
+    """Raised inside a template render that ran out of time. A SystemExit, so that
+    should it land after the render ended, the worker thread ends silently."""
+
+
+class _TooLong(Exception):
+    pass
+
+
+def _render_bounded(compiled: jinja2.Template, variables: dict[str, Any]) -> str:
+    """compiled.render(**variables) on a worker thread, stopped after
+    TEMPLATE_SECONDS and cut off past TEMPLATE_MAX_CHARS of output.
+
+    A pure-Python loop cannot be interrupted from outside except by an
+    asynchronous exception; the worker exists so that one never lands in the
+    caller's code.
+    """
+    box: dict[str, Any] = {}
+    lock = threading.Lock()
+
+    def run() -> None:
+        try:
+            try:
+                parts, size = [], 0
+                for piece in compiled.generate(**variables):
+                    size += len(piece)
+                    if size > TEMPLATE_MAX_CHARS:
+                        raise _TooLong
+                    parts.append(piece)
+                box["text"] = "".join(parts)
+            finally:
+                with lock:
+                    box["done"] = True
+        except BaseException as exc:  # noqa: BLE001 - handed to the caller
+            box["error"] = exc
+
+    worker = threading.Thread(target=run, name="granite-mlx chat template", daemon=True)
+    worker.start()
+    worker.join(TEMPLATE_SECONDS)
+    with lock:
+        if not box.get("done"):
+            ctypes.pythonapi.PyThreadState_SetAsyncExc(
+                ctypes.c_ulong(worker.ident), ctypes.py_object(_Stopped)
+            )
+            raise ChatFormatError(
+                f"The chat template ran for more than {TEMPLATE_SECONDS:g} s and was stopped "
+                "(a runaway loop?). Fix chat_template.jinja, or remove it to use the built-in "
+                "Granite format."
+            )
+    if "error" in box:
+        raise box["error"]
+    return box["text"]
 
 
 def _render_template(
@@ -279,14 +421,23 @@ def _render_template(
     template_kwargs: dict[str, Any],
 ) -> str:
     compiled = _compile(template)
+    variables = {
+        **template_kwargs,
+        "messages": messages,
+        "tools": tools,
+        "documents": documents,
+        "add_generation_prompt": add_generation_prompt,
+    }
     try:
-        return compiled.render(
-            **template_kwargs,
-            messages=messages,
-            tools=tools,
-            documents=documents,
-            add_generation_prompt=add_generation_prompt,
-        )
+        return _render_bounded(compiled, variables)
+    except ChatFormatError:
+        raise
+    except _TooLong:
+        raise ChatFormatError(
+            f"The chat template wrote more than {TEMPLATE_MAX_CHARS} characters and was "
+            "stopped (a runaway loop?). Fix chat_template.jinja, or remove it to use the "
+            "built-in Granite format."
+        ) from None
     except jinja2.exceptions.SecurityError as exc:
         raise ChatFormatError(
             f"The chat template tried an unsafe operation and was stopped: {exc}"
@@ -294,8 +445,9 @@ def _render_template(
     except jinja2.TemplateError as exc:
         # raise_exception(...) lands here: the template's own words about the conversation.
         raise ChatFormatError(f"The chat template rejected the conversation: {exc}") from exc
-    except (TypeError, ValueError, KeyError, IndexError, AttributeError) as exc:
-        # E.g. a tool call without arguments reaching `tojson`, or `'a' + 1`.
+    except Exception as exc:  # noqa: BLE001 - untrusted code: whatever it raises
+        # E.g. a tool call without arguments reaching `tojson`, `'a' + 1`, `1 / 0`,
+        # `10.0 ** 400`, a macro that calls itself forever.
         raise ChatFormatError(
             f"The chat template failed on this conversation ({type(exc).__name__}: {exc}). "
             "Check the messages against the template's expected fields."

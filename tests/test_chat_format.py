@@ -6,6 +6,8 @@ from __future__ import annotations
 import datetime
 import json
 import random
+import re
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -183,6 +185,95 @@ def test_template_sees_variables_like_transformers() -> None:
 def test_invalid_jinja_is_a_clear_error() -> None:
     with pytest.raises(ChatFormatError, match="not valid Jinja"):
         _one("{% if %}")
+
+
+@pytest.mark.parametrize(
+    "template, error",
+    [
+        ("{{ 1 / 0 }}", "ZeroDivisionError"),
+        ("{{ 10.0 ** 400 }}", "OverflowError"),
+        ("{% macro f(n) %}{{ f(n + 1) }}{% endmacro %}{{ f(0) }}", "RecursionError"),
+        ("{{ '{:d}'.format('x') }}", "ValueError"),
+        ("{{ strftime_now(5) }}", "TypeError"),
+    ],
+)
+def test_anything_a_template_raises_is_a_chat_format_error(template: str, error: str) -> None:
+    with pytest.raises(ChatFormatError, match=error) as info:
+        _one(template)
+    assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize(
+    "template, limit",
+    [
+        ("{{ 'x' * 10**9 }}", "'*' would build"),
+        ("{{ [1] * 100000000 }}", "'*' would build"),
+        ("{{ 7 ** 100000000 }}", "'**' would build"),
+        ("{% set ns = namespace(n=3) %}{% for i in range(40) %}{% set ns.n = ns.n * ns.n %}"
+         "{% endfor %}{{ ns.n }}", "'*' would build"),
+        ("{{ 'x' | center(10**9) }}", "count of 1000000000"),
+        ("{{ 'x'.ljust(10**9) }}", "count of 1000000000"),
+        ("{{ 'ab' | replace('a', 'b', 10**8) }}", "count of 100000000"),
+    ],
+)
+def test_a_template_cannot_build_a_huge_value_in_one_step(template: str, limit: str) -> None:
+    with pytest.raises(ChatFormatError, match=re.escape(limit)):
+        _one(template)
+
+
+def test_a_runaway_template_is_stopped_in_time(monkeypatch) -> None:
+    import time
+
+    from granite_mlx import chat_format
+
+    monkeypatch.setattr(chat_format, "TEMPLATE_SECONDS", 0.5)
+    endless = (  # 10**10 empty iterations: no output, no call the sandbox would see
+        "{% set r = range(100000) | list %}"
+        "{% for a in r %}{% for b in r %}{% endfor %}{% endfor %}"
+    )
+    start = time.monotonic()
+    with pytest.raises(ChatFormatError, match="ran for more than 0.5 s"):
+        _one(endless)
+    assert time.monotonic() - start < 5
+    assert _one("{{ messages[0].content }}") == "hi"  # later renders are unaffected
+    time.sleep(0.2)
+    assert all(t.name != "granite-mlx chat template" for t in threading.enumerate())
+
+
+def test_a_template_writing_too_much_is_stopped(monkeypatch) -> None:
+    from granite_mlx import chat_format
+
+    monkeypatch.setattr(chat_format, "TEMPLATE_MAX_CHARS", 100_000)
+    with pytest.raises(ChatFormatError, match="wrote more than 100000 characters"):
+        _one("{% for i in range(100000) %}{{ 'abcdefgh' }}{% endfor %}")
+
+
+@pytest.mark.parametrize(
+    "messages, where",
+    [
+        ([{"role": "user", "content": "bad \ud800 text"}], "messages[0]"),
+        ([{"role": "user", "content": [{"type": "text", "text": "\udcff"}]}], "messages[0]"),
+        ([{"role": "user", "content": "ok"}, {"role": "assistant", "content": "",
+          "tool_calls": [{"function": {"name": "f", "arguments": {"k": "\udfff"}}}]}],
+         "messages[1]"),
+        ([{"role": "user\ud800", "content": "x"}], "messages[0]"),
+    ],
+)  # fmt: skip
+@pytest.mark.parametrize("template", [None, OFFICIAL])
+def test_text_that_cannot_be_encoded_is_refused(messages, where: str, template) -> None:
+    with pytest.raises(ChatFormatError, match=rf"{re.escape(where)} contains text that is not "
+                                              "valid Unicode \\(a lone surrogate"):  # fmt: skip
+        render_chat(messages, template=template)
+
+
+def test_unencodable_tools_documents_and_variables_are_refused() -> None:
+    msgs = [{"role": "user", "content": "x"}]
+    with pytest.raises(ChatFormatError, match=r"tools\[0\]"):
+        render_chat(msgs, tools=[{"name": "f", "description": "\ud800"}])
+    with pytest.raises(ChatFormatError, match=r"documents\[0\]"):
+        render_chat(msgs, documents=[{"text": "\ud800"}])
+    with pytest.raises(ChatFormatError, match="template keyword arguments"):
+        render_chat(msgs, template="x", custom="\ud800")
 
 
 # ---------------------------------------------------------------- built-in renderer
