@@ -363,7 +363,7 @@ class _Stopped(SystemExit):
     should it land after the render ended, the worker thread ends silently."""
 
 
-class _TooLong(Exception):
+class _TooLongError(Exception):
     pass
 
 
@@ -385,7 +385,7 @@ def _render_bounded(compiled: jinja2.Template, variables: dict[str, Any]) -> str
                 for piece in compiled.generate(**variables):
                     size += len(piece)
                     if size > TEMPLATE_MAX_CHARS:
-                        raise _TooLong
+                        raise _TooLongError
                     parts.append(piece)
                 box["text"] = "".join(parts)
             finally:
@@ -432,7 +432,7 @@ def _render_template(
         return _render_bounded(compiled, variables)
     except ChatFormatError:
         raise
-    except _TooLong:
+    except _TooLongError:
         raise ChatFormatError(
             f"The chat template wrote more than {TEMPLATE_MAX_CHARS} characters and was "
             "stopped (a runaway loop?). Fix chat_template.jinja, or remove it to use the "
