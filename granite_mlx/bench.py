@@ -30,7 +30,9 @@ import mlx.core as mx
 from mlx import nn
 from mlx.utils import tree_flatten, tree_unflatten
 
+from .cli import ArgumentParser, whole_number
 from .engine import Engine, Request, default_prefill_step_size
+from .errors import GraniteError
 from .model import Model
 from .weights import mlx_lm_module_paths, to_mlx_lm_layout
 
@@ -157,7 +159,7 @@ def _theirs_generate(model, prompt: mx.array, n: int, step: int):
 def run(args) -> dict:
     ours, theirs = build_models(args)
     vocab = ours.args.vocab_size
-    lengths = [int(x) for x in args.prompts.split(",")]
+    lengths = _lengths(args.prompts) if isinstance(args.prompts, str) else list(args.prompts)
     impls = {"granite-mlx": (_ours_generate, ours), "mlx-lm": (_theirs_generate, theirs)}
     runs: dict = {name: {L: [] for L in lengths} for name in impls}
     for L in lengths:
@@ -424,24 +426,72 @@ def plot(result: dict, path: str) -> None:
     fig.savefig(path, dpi=100)
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="granite-mlx bench", description=__doc__.split("\n\n")[0])
+def _positive(text: str) -> int:
+    value = whole_number(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
+    return value
+
+
+def _lengths(text: str) -> list[int]:
+    """--prompts: comma-separated prompt lengths, each at least 1."""
+    try:
+        lengths = [int(x) for x in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a comma-separated list of token counts, e.g. 512,2048"
+        ) from None
+    if any(n < 1 for n in lengths):
+        raise argparse.ArgumentTypeError(f"every prompt length must be at least 1, not {text!r}")
+    return lengths
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .shapes import SHAPES
+
+    ap = ArgumentParser(prog="granite-mlx bench", description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", help="a checkpoint folder or Hub repo (default: random weights)")
-    ap.add_argument("--shape", default="h-350m", help="released shape for random weights")
-    ap.add_argument("--layers", type=int, default=0, help="keep only this many layers (faster)")
+    ap.add_argument("--shape", default="h-350m", choices=list(SHAPES),
+                    help="released shape for random weights")  # fmt: skip
+    ap.add_argument("--layers", type=whole_number, default=0,
+                    help="keep only this many layers (faster)")  # fmt: skip
     ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     ap.add_argument("--q-bits", type=int, choices=[4, 8], default=None)
-    ap.add_argument("--q-group-size", type=int, default=64)
-    ap.add_argument("--prompts", default="512,1024,2048,4096,8192,16384,32768")
-    ap.add_argument("--decode", type=int, default=64, help="tokens to decode per run")
-    ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--prefill-step", type=int, default=None,
+    ap.add_argument("--q-group-size", type=int, choices=[32, 64, 128], default=64)
+    ap.add_argument("--prompts", type=_lengths, default="512,1024,2048,4096,8192,16384,32768",
+                    help="prompt lengths in tokens, comma-separated")  # fmt: skip
+    ap.add_argument("--decode", type=_positive, default=64, help="tokens to decode per run")
+    ap.add_argument("--repeats", type=_positive, default=3)
+    ap.add_argument("--prefill-step", type=_positive, default=None,
                     help="prompt tokens per model call, for both runtimes (default: ours for "
                          "the device, 2048 on a GPU, 256 on the CPU)")  # fmt: skip
     ap.add_argument("--profile", action="store_true", help="graph size and decode breakdown")
     ap.add_argument("--json", help="write the results here")
     ap.add_argument("--plot", help="write a PNG plot here")
-    args = ap.parse_args(argv)
+    return ap
+
+
+def check_args(args: argparse.Namespace) -> None:
+    """What the parser cannot see, before any model is built or loaded."""
+    from .shapes import SHAPES
+
+    full = len(SHAPES[args.shape]["layer_types"])
+    if not args.model and not 0 <= args.layers <= full:
+        raise GraniteError(
+            f"--layers must be from 1 to {full} ({args.shape} has {full} layers), or 0 for all "
+            f"of them; not {args.layers}."
+        )
+    for option, path in (("--json", args.json), ("--plot", args.plot)):
+        if path and not Path(path).expanduser().parent.is_dir():
+            raise GraniteError(
+                f"{option} {path}: the folder {Path(path).expanduser().parent} does not exist; "
+                "create it first (the results would be lost after the run)."
+            )
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    check_args(args)
     args.prefill_step = args.prefill_step or default_prefill_step_size()
     result = run(args)
     print_table(result)

@@ -40,7 +40,7 @@ from jinja2.ext import Extension, loopcontrols
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from granite_mlx.errors import GraniteError
-from granite_mlx.text import describe_surrogate, surrogate_at
+from granite_mlx.surrogates import describe_surrogate, surrogate_at
 
 __all__ = [
     "DEFAULT_SYSTEM_MESSAGE",

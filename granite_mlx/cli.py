@@ -5,18 +5,22 @@
     granite-mlx convert ...                         checkpoint conversion (granite_mlx.convert)
     granite-mlx bench ...                           speed measurements (granite_mlx.bench)
 
-Errors the user can fix print one line to stderr and exit 1; Ctrl+C exits 130.
+Errors the user can fix print one line to stderr and exit 1 (bad options
+included: they are checked before the model loads); Ctrl+C exits 130.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import math
 import os
 import sys
 from collections.abc import Sequence
+from typing import NoReturn
 
 from .errors import GraniteError
+from .surrogates import describe_surrogate, surrogate_at
 
 # Subcommands that live in other modules, imported only when used (they pull in
 # Textual, conversion code...). Each module's main(argv) parses its own options.
@@ -27,8 +31,46 @@ _DELEGATED = {
 }
 
 
+MAX_SEED = 2**64 - 1  # mx.random.seed takes an unsigned 64-bit integer
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse that raises a GraniteError instead of printing usage and exiting
+    with status 2, so a bad option is one line and exit status 1 like every other
+    user error. (--help still prints and exits 0.)"""
+
+    def error(self, message: str) -> NoReturn:
+        raise GraniteError(f"{message} (see `{self.prog} --help`)")
+
+
+def finite_float(text: str) -> float:
+    """An argparse type: a finite number (argparse's float takes "nan" and "inf")."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number, not {text!r}")
+    return value
+
+
+def whole_number(text: str) -> int:
+    """An argparse type: an integer written as one (not 1e3, not 2.0)."""
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+
+
+def seed(text: str) -> int:
+    value = whole_number(text)
+    if not 0 <= value <= MAX_SEED:
+        raise argparse.ArgumentTypeError(f"must be from 0 to {MAX_SEED}, not {text}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="granite-mlx", description="IBM Granite 4.0 language models on MLX."
     )
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
@@ -41,14 +83,16 @@ def build_parser() -> argparse.ArgumentParser:
         "--raw", action="store_true", help="use the prompt as plain text, without the chat template"
     )
     gen.add_argument(
-        "--max-tokens", type=int, default=256, help="answer length limit (default 256)"
+        "--max-tokens", type=whole_number, default=256, help="answer length limit (default 256)"
     )
-    gen.add_argument("--temperature", "--temp", type=float, default=0.0, help="0 is greedy")
-    gen.add_argument("--top-p", type=float, default=1.0)
-    gen.add_argument("--top-k", type=int, default=0)
-    gen.add_argument("--min-p", type=float, default=0.0)
-    gen.add_argument("--repetition-penalty", type=float, default=None)
-    gen.add_argument("--seed", type=int, default=None)
+    gen.add_argument(
+        "--temperature", "--temp", type=finite_float, default=0.0, help="0 is greedy"
+    )
+    gen.add_argument("--top-p", type=finite_float, default=1.0)
+    gen.add_argument("--top-k", type=whole_number, default=0)
+    gen.add_argument("--min-p", type=finite_float, default=0.0)
+    gen.add_argument("--repetition-penalty", type=finite_float, default=None)
+    gen.add_argument("--seed", type=seed, default=None, help=f"0 to {MAX_SEED}")
     gen.add_argument("--stop", action="append", default=[], help="stop string (repeat for several)")
     gen.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], default=None)
     gen.add_argument("--allow-long-prompt", action="store_true")
@@ -57,13 +101,78 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def check_sampling(args: argparse.Namespace) -> None:
+    """Ranges of the sampling options, each error naming its option."""
+    ranges = [
+        ("--max-tokens", args.max_tokens, args.max_tokens >= 1, "at least 1"),
+        ("--temperature", args.temperature, args.temperature >= 0, "0 (greedy) or more"),
+        ("--top-p", args.top_p, 0 < args.top_p <= 1, "above 0 and at most 1"),
+        ("--top-k", args.top_k, args.top_k >= 0, "0 (off) or more"),
+        ("--min-p", args.min_p, 0 <= args.min_p < 1, "from 0 up to (not including) 1"),
+    ]
+    if args.repetition_penalty is not None:
+        penalty = args.repetition_penalty
+        ranges.append(("--repetition-penalty", penalty, penalty > 0, "above 0 (1 is off)"))
+    for option, value, ok, expected in ranges:
+        if not ok:
+            raise GraniteError(f"{option} must be {expected}, not {value}.")
+
+
+def check_text(text: str, what: str) -> str:
+    """Refuse text from the command line that is not valid UTF-8: Python hands
+    argv's invalid bytes over as lone surrogates, which nothing downstream encodes."""
+    if (i := surrogate_at(text)) is not None:
+        raise GraniteError(
+            f"{what} is not valid UTF-8 text ({describe_surrogate(text, i)}, from an invalid "
+            "byte); pass UTF-8 text."
+        )
+    return text
+
+
+def read_stdin() -> str:
+    """All of stdin as UTF-8 text, refused with the byte position when it is not."""
+    buffer = getattr(sys.stdin, "buffer", None)
+    if buffer is None:  # a text stream stood in for stdin
+        return check_text(sys.stdin.read(), "The prompt on stdin")
+    data = buffer.read()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise GraniteError(
+            f"The prompt on stdin is not valid UTF-8 (byte 0x{data[e.start]:02x} at offset "
+            f"{e.start}); convert it first, e.g. with `iconv -t UTF-8`."
+        ) from None
+
+
+def _check_top_k(model: str, top_k: int) -> str:
+    """--top-k against the checkpoint's vocabulary, from its config alone (before the
+    weights load). Returns the resolved model folder."""
+    from .config import ModelArgs
+    from .loading import load_config, resolve_model_path
+
+    folder = resolve_model_path(model)
+    vocab = ModelArgs.from_dict(load_config(folder)).vocab_size
+    if top_k > vocab:
+        raise GraniteError(
+            f"--top-k {top_k} is larger than the model's vocabulary ({vocab} tokens); use at "
+            f"most {vocab}, or 0 for no top-k filter."
+        )
+    return str(folder)
+
+
 def _generate(args: argparse.Namespace) -> int:
     from .generate import load, stream_generate
 
     if args.system is not None and args.raw:
         raise GraniteError("--system needs the chat format; drop --raw.")
-    text = sys.stdin.read() if args.prompt == "-" else args.prompt
-    model, tokenizer = load(args.model, dtype=args.dtype)
+    check_sampling(args)
+    for stop in args.stop:
+        check_text(stop, f"--stop {stop!r}")
+    if args.system is not None:
+        check_text(args.system, "--system")
+    text = read_stdin() if args.prompt == "-" else check_text(args.prompt, "--prompt")
+    model_path = _check_top_k(args.model, args.top_k)
+    model, tokenizer = load(model_path, dtype=args.dtype)
     if args.raw:
         prompt = text
     else:

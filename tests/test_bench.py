@@ -76,3 +76,33 @@ def test_decode_breakdown_of_mlx_lm_restores_it(model):
     b = bench.matmul_share(twin, twin.make_cache, repeats=2, rounds=2)
     assert 0 < b["outside_matmul_share"]
     assert mx.array_equal(twin(tokens), before)
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--prompts", "abc"], "--prompts: 'abc' is not a comma-separated list of token counts"),
+        (["--prompts", "512,0"], "every prompt length must be at least 1"),
+        (["--repeats", "0"], "--repeats: must be at least 1, not 0"),
+        (["--decode", "0"], "--decode: must be at least 1, not 0"),
+        (["--decode", "1.5"], "--decode: '1.5' is not a whole number"),
+        (["--prefill-step", "-4"], "--prefill-step: must be at least 1"),
+        (["--shape", "h-2b"], "invalid choice: 'h-2b' (choose from 'h-350m', 'h-1b', '350m'"),
+        (["--layers", "33"], "--layers must be from 1 to 32 (h-350m has 32 layers)"),
+        (["--layers", "-1"], "--layers must be from 1 to 32"),
+        (["--q-group-size", "48"], "--q-group-size: invalid choice"),
+        (["--json", "/no/such/folder/out.json"], "--json /no/such/folder/out.json: the folder"),
+    ],
+)
+def test_bad_arguments_are_one_line_before_any_model_is_built(capsys, monkeypatch, argv, message):
+    from granite_mlx import cli
+
+    def build(*args, **kwargs):
+        raise AssertionError("a model was built before the arguments were checked")
+
+    monkeypatch.setattr(bench, "build_models", build)
+    assert cli.main(["bench", *argv]) == 1
+    captured = capsys.readouterr()
+    err = captured.err
+    assert err.startswith("granite-mlx: error: ") and err.count("\n") == 1, err
+    assert message in err and "Traceback" not in err, err
