@@ -1,7 +1,9 @@
-"""Checkpoint conversion for granite-mlx: `convert(src, out, ...)` and the
-`granite-mlx convert` command (`granite_mlx.convert.cli.main`)."""
+"""Checkpoint conversion for granite-mlx: `convert(src, out, ...)`,
+`granite_mlx.convert.upload.upload(folder, repo_id, ...)` and the `granite-mlx
+convert` / `granite-mlx upload` commands (`granite_mlx.convert.cli.main` /
+`upload_main`)."""
 
-from .errors import ConvertError, OutputExistsError, QualityError, UploadError
+from .errors import ConvertError, OutputExistsError, QualityError, UploadError, WriteError
 from .pipeline import ConvertResult, convert
 
 __all__ = [
@@ -10,5 +12,6 @@ __all__ = [
     "OutputExistsError",
     "QualityError",
     "UploadError",
+    "WriteError",
     "convert",
 ]

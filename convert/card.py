@@ -9,6 +9,10 @@ from pathlib import Path
 from .quality import QualityReport
 from .writer import human_size
 
+# IBM releases every Granite 4.0 checkpoint under Apache 2.0; the card says so
+# unless the source's own card (or --license) names another license.
+DEFAULT_LICENSE = "apache-2.0"
+
 
 def source_license(src: Path) -> str | None:
     """The `license:` of the source's own model card front matter, if it has one."""
@@ -51,8 +55,7 @@ def model_card(
     name = repo_id or local_path  # what the usage snippets load
     quantized = not quantization.startswith("unquantized")
     front = ["---", "library_name: mlx", "pipeline_tag: text-generation"]
-    if license:
-        front.append(f"license: {license}")
+    front.append(f"license: {license or DEFAULT_LICENSE}")
     if base_model:
         front.append(f"base_model: {base_model}")
         if quantized:

@@ -39,7 +39,7 @@ from granite_mlx.model import Model
 from granite_mlx.safetensors_check import check_safetensors
 from granite_mlx.weights import FLOAT32_PARAMS, sanitize, to_mlx_lm_layout
 
-from .card import hub_repo_of, model_card, source_license
+from .card import DEFAULT_LICENSE, hub_repo_of, model_card, source_license
 from .errors import ConvertError, QualityError
 from .quality import QualityReport, compute_dtype, log_probs, measure, quality_inputs
 from .recipe import (
@@ -47,6 +47,7 @@ from .recipe import (
     GROUP_SIZES,
     RECIPES,
     apply_plan,
+    describe_plan,
     plan_quantization,
     quantization_block,
     recipe_bits,
@@ -58,11 +59,13 @@ from .writer import (
     check_target,
     copy_side_files,
     human_size,
+    recover_output,
     save_shards,
     staged_output,
     write_json,
 )
 
+DEFAULT_BITS = 4  # the command line's default: the converter exists to make 4-bit models
 DEFAULT_GROUP_SIZE = 64
 DEFAULT_RECIPE = "granite"
 # Source config keys that would contradict what we write.
@@ -212,6 +215,7 @@ def convert(
     private: bool = False,
     dry_run: bool = False,
     base_model: str | None = None,
+    license: str | None = None,  # noqa: A002 - the model card's word for it
     max_shard_bytes: int = MAX_SHARD_BYTES,
     check_quality: bool = True,
     client: HubClient | None = None,
@@ -230,6 +234,7 @@ def convert(
     upload_repo: upload the result there; dry_run lists the files instead.
     base_model: the Hub repo of the original, for the card (inferred when `src`
         is a repo id or a Hub cache path).
+    license: the card's license id (default: the source card's, else apache-2.0).
     max_shard_bytes: size limit of one safetensors file (default 5 GB).
     client: the Hub client for the upload (default huggingface_hub.HfApi()).
 
@@ -249,6 +254,8 @@ def convert(
         max_shard_bytes=max_shard_bytes,
     )
     out = Path(out).expanduser()
+    if (restored := recover_output(out)) is not None:
+        log(f"Restored {restored}: an earlier conversion was killed while replacing it.")
     if Path(src).expanduser().is_dir():
         _check_paths(Path(src).expanduser(), out, force)
     check_target(out, force)  # fail fast, before a download
@@ -291,7 +298,7 @@ def convert(
         _quantize(model, plan, progress)
         quant_block = quantization_block(plan, args, q_bits, group)
         recipe_rows = summarize_plan(plan)
-        description = f"{q_bits}-bit, group size {group}, {recipe} recipe"
+        description = describe_plan(plan, q_bits, group, recipe)
         laps("quantize")
     else:
         description = f"unquantized {_dtype_name(out_dtype)}"
@@ -327,7 +334,7 @@ def convert(
             repo_id=upload_repo,
             local_path=str(out),
             base_model=base_model or hub_repo_of(str(src), folder),
-            license=source_license(folder),
+            license=license or source_license(folder) or DEFAULT_LICENSE,
             quantization=description,
             recipe_rows=recipe_rows,
             quality=report,

@@ -150,3 +150,20 @@ def summarize_plan(plan: Plan) -> dict[str, str]:
         seen.setdefault(tensor_class(path), set()).add(what)
     order = [*TENSOR_CLASSES, "other"]
     return {name: ", ".join(sorted(seen[name])) for name in order if name in seen}
+
+
+def describe_plan(plan: Plan, bits: int, group_size: int, recipe: str) -> str:
+    """One line for the card and quality.json, true to what `plan` did: e.g. "4-bit,
+    group size 64, granite recipe", or, where the asked group size does not divide
+    some tensors' width, "4-bit, group size 64 (32 for tensors 64 does not divide),
+    granite recipe"."""
+    used = sorted({p["group_size"] for p in plan.values() if p})
+    if used in ([], [group_size]):
+        groups = f"group size {group_size}"
+    else:
+        other = ", ".join(str(g) for g in used if g != group_size) or "none"
+        if group_size in used:
+            groups = f"group size {group_size} ({other} for tensors {group_size} does not divide)"
+        else:
+            groups = f"group size {other} ({group_size} divides no tensor's width)"
+    return f"{bits}-bit, {groups}, {recipe} recipe"

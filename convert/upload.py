@@ -15,7 +15,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-from .errors import UploadError
+from granite_mlx.config import ModelArgs
+from granite_mlx.errors import GraniteError
+from granite_mlx.loading import load_config, weight_files
+from granite_mlx.safetensors_check import check_safetensors
+
+from .errors import ConvertError, UploadError
 from .writer import folder_files, human_size
 
 _REPO_ID = re.compile(r"^(?:[A-Za-z0-9][\w.-]*/)?[A-Za-z0-9][\w.-]*$")
@@ -54,6 +59,26 @@ def check_repo_id(repo_id: str) -> None:
         raise UploadError(
             f"{repo_id!r} is not a Hugging Face repo name; use NAME or OWNER/NAME "
             "(letters, digits, '-', '_', '.')."
+        )
+
+
+def check_converted(folder: Path) -> None:
+    """Refuse to upload a folder that is not a complete model: a Granite config,
+    weights whose headers are whole, a model card."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise ConvertError(f"{folder} is not a folder; pass the output folder of a conversion.")
+    try:
+        ModelArgs.from_dict(load_config(folder))
+        for path in weight_files(folder):
+            check_safetensors(path)
+    except GraniteError as e:
+        raise ConvertError(
+            f"{folder} is not a complete converted model ({e}); convert again before uploading."
+        ) from None
+    if not (folder / "README.md").is_file():
+        raise ConvertError(
+            f"{folder} has no model card (README.md); is it the output of `granite-mlx convert`?"
         )
 
 

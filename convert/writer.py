@@ -5,6 +5,16 @@ Everything is written into a hidden staging folder next to OUT
 interrupted conversion never leaves a folder that looks finished. A staging
 folder left by a killed process is removed by the next conversion to the same
 OUT; with --force an existing OUT is replaced only after the new one is done.
+
+Replacing takes two renames: OUT -> `.OUT.old-<pid>-<random>`, then staging ->
+OUT. A process killed between them leaves no OUT and the only copy of the
+previous output in the `.old-` folder, so the next run to OUT puts that folder
+back as OUT (`recover_output`) before anything else; an `.old-` folder is only
+ever deleted while an OUT exists beside it.
+
+A write that fails (a full disk, a file-size limit; MLX reports both as a
+RuntimeError, not an OSError) is a ConvertError, and the staging folder goes
+with it.
 """
 
 from __future__ import annotations
@@ -24,7 +34,7 @@ from typing import Any
 import mlx.core as mx
 from tqdm.auto import tqdm
 
-from .errors import ConvertError, OutputExistsError
+from .errors import ConvertError, OutputExistsError, WriteError
 
 MAX_SHARD_BYTES = 5 * 10**9  # 5 GB per safetensors file
 INDEX_FILE = "model.safetensors.index.json"
@@ -74,13 +84,36 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-def remove_stale_staging(out: Path) -> None:
-    """Remove staging folders for `out` whose converting process is gone."""
+def _leftovers(out: Path) -> list[tuple[Path, str]]:
+    """(folder, "partial" | "old") left next to `out` by conversions no longer running."""
     if not out.parent.is_dir():
-        return
-    for entry in out.parent.iterdir():
+        return []
+    found = []
+    for entry in sorted(out.parent.iterdir()):
         m = _PARTIAL.match(entry.name)
         if m and m["name"] == out.name and entry.is_dir() and not _pid_alive(int(m["pid"])):
+            found.append((entry, m.group(2)))
+    return found
+
+
+def recover_output(out: Path) -> Path | None:
+    """Put back the previous output a conversion killed between its two publishing
+    renames left as `.OUT.old-*` (when OUT itself is missing). Returns it, or None."""
+    if out.exists() or out.is_symlink():
+        return None
+    for entry, kind in _leftovers(out):
+        if kind == "old":
+            entry.rename(out)
+            return out
+    return None
+
+
+def remove_stale_staging(out: Path) -> None:
+    """Remove what conversions to `out` that are no longer running left behind:
+    staging folders, and `.old-` folders once an OUT stands beside them."""
+    recover_output(out)
+    for entry, kind in _leftovers(out):
+        if kind == "partial" or out.exists():
             shutil.rmtree(entry, ignore_errors=True)
 
 
@@ -120,8 +153,11 @@ def staged_output(out: Path, force: bool) -> Iterator[Path]:
         os.chmod(staging, 0o777 & ~_umask())  # mkdtemp's 0o700 would make OUT private
         yield staging
         _publish(staging, out, force)
-    except BaseException:
+    except BaseException as e:
         shutil.rmtree(staging, ignore_errors=True)
+        if isinstance(e, OSError):  # ENOSPC, EFBIG, EIO while writing a side file
+            where = Path(e.filename).name if e.filename else str(out)
+            raise WriteError(where, e.strerror or str(e)) from None
         raise
 
 
@@ -164,7 +200,10 @@ def save_shards(
     with tqdm(total=total, desc="writing", unit="B", unit_scale=True, disable=not progress) as bar:
         for file_name, keys in zip(names, shards):
             shard = {k: weights[k] for k in keys}
-            mx.save_safetensors(str(folder / file_name), shard, metadata={"format": "mlx"})
+            try:
+                mx.save_safetensors(str(folder / file_name), shard, metadata={"format": "mlx"})
+            except RuntimeError as e:  # MLX: "[write] Unable to write N bytes to file."
+                raise WriteError(file_name, str(e)) from None
             weight_map.update(dict.fromkeys(keys, file_name))
             bar.update(sum(w.nbytes for w in shard.values()))
             if pause:

@@ -3,6 +3,7 @@
     granite-mlx generate --model M --prompt TEXT   stream an answer to stdout, stats to stderr
     granite-mlx chat ...                            the chat app (granite_mlx.tui)
     granite-mlx convert ...                         checkpoint conversion (granite_mlx.convert)
+    granite-mlx upload OUT --repo NAME              upload a converted folder to the Hub
     granite-mlx bench ...                           speed measurements (granite_mlx.bench)
 
 Errors the user can fix print one line to stderr and exit 1 (bad options
@@ -23,11 +24,12 @@ from .errors import GraniteError
 from .surrogates import describe_surrogate, surrogate_at
 
 # Subcommands that live in other modules, imported only when used (they pull in
-# Textual, conversion code...). Each module's main(argv) parses its own options.
+# Textual, conversion code...). Each entry point (argv) -> status parses its own options.
 _DELEGATED = {
-    "chat": ("granite_mlx.tui.app", "the chat app"),
-    "convert": ("granite_mlx.convert.cli", "convert a checkpoint"),
-    "bench": ("granite_mlx.bench", "measure speed"),
+    "chat": ("granite_mlx.tui.app", "main", "the chat app"),
+    "convert": ("granite_mlx.convert.cli", "main", "convert a checkpoint"),
+    "upload": ("granite_mlx.convert.cli", "upload_main", "upload a converted folder to the Hub"),
+    "bench": ("granite_mlx.bench", "main", "measure speed"),
 }
 
 
@@ -96,7 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--stop", action="append", default=[], help="stop string (repeat for several)")
     gen.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], default=None)
     gen.add_argument("--allow-long-prompt", action="store_true")
-    for name, (_, help_text) in _DELEGATED.items():
+    for name, (_, _, help_text) in _DELEGATED.items():
         commands.add_parser(name, help=help_text, add_help=False)
     return parser
 
@@ -212,7 +214,7 @@ def _generate(args: argparse.Namespace) -> int:
 
 
 def _delegate(command: str, argv: list[str]) -> int:
-    name = _DELEGATED[command][0]
+    name, entry, _ = _DELEGATED[command]
     try:
         module = importlib.import_module(name)
     except ModuleNotFoundError as exc:
@@ -221,7 +223,7 @@ def _delegate(command: str, argv: list[str]) -> int:
         raise GraniteError(
             f"'granite-mlx {command}' is not available: {name} is not installed."
         ) from exc
-    result = module.main(argv)
+    result = getattr(module, entry)(argv)
     return result if isinstance(result, int) else 0
 
 

@@ -288,8 +288,13 @@ def test_existing_output_is_refused_without_force(tmp_path, capsys):
     [
         (["/no/such/folder", "OUT"], "No model folder"),
         (["SRC", "OUT", "--q-bits", "3"], "--q-bits"),
-        (["SRC", "OUT", "--recipe", "mixed"], "add --q-bits"),
+        (["SRC", "OUT", "--no-quantize", "--recipe", "mixed"], "--no-quantize and --recipe contra"),
         (["SRC", "OUT", "--no-quantize", "--q-bits", "4"], "contradict"),
+        (["SRC", "OUT", "--max-shard-gb", "nan"], "--max-shard-gb: must be a positive finite"),
+        (["SRC", "OUT", "--max-shard-gb", "inf"], "--max-shard-gb: must be a positive finite"),
+        (["SRC", "OUT", "--max-shard-gb", "0"], "--max-shard-gb: must be a positive finite"),
+        (["SRC", "OUT", "--max-shard-gb", "big"], "--max-shard-gb: 'big' is not a number"),
+        (["SRC", "OUT", "--max-kl", "nan"], "--max-kl must be a number >= 0"),
         (["SRC", "OUT", "--dry-run"], "--upload-repo"),
         (["SRC", "OUT", "--max-kl", "-1", "--q-bits", "4"], "--max-kl"),
         (["SRC", "OUT", "--upload-repo", "not a repo"], "not a Hugging Face repo name"),
@@ -312,3 +317,191 @@ def test_quantized_source_is_refused(tmp_path):
     run(checkpoint("hybrid_nope"), tmp_path / "q", q_bits=4)
     with pytest.raises(ConvertError, match="already quantized"):
         run(tmp_path / "q", tmp_path / "again", q_bits=8)
+
+
+
+# --- The 4-bit Granite recipe is the command line's default -----------------------
+
+
+@pytest.mark.parametrize(
+    "flags, bits, dtype",
+    [
+        ([], 4, None),
+        (["--q-bits", "8"], 8, None),
+        (["--recipe", "uniform"], 4, None),
+        (["--dtype", "bfloat16", "--q-bits", "4"], 4, "bfloat16"),
+        (["--dtype", "bfloat16"], None, "bfloat16"),
+        (["--no-quantize"], None, "float32"),
+    ],
+)
+def test_cli_quantizes_to_4_bits_with_the_granite_recipe_by_default(tmp_path, flags, bits, dtype):
+    out = tmp_path / "out"
+    argv = [str(checkpoint("hybrid_nope")), str(out), "--quiet", "--skip-quality", *flags]
+    assert cli.main(argv) == 0
+    config = config_of(out)
+    if bits is None:
+        assert "quantization" not in config and config["torch_dtype"] == dtype
+        return
+    q = config["quantization"]
+    assert (q["bits"], q["group_size"]) == (bits, 64)
+    if bits == 4 and "--recipe" not in flags:  # Granite recipe: Mamba2 projections at 8 bits
+        assert q["model.layers.0.mamba.in_proj"]["bits"] == 8
+    if dtype:
+        assert config["torch_dtype"] == dtype
+
+
+# --- Failed writes: one line, nothing left ------------------------------------------
+
+
+def full_disk_after(monkeypatch, n_bytes=1000):
+    """mx.save_safetensors writes `n_bytes`, then fails as MLX does on a full disk."""
+
+    def save(path, arrays, metadata=None):
+        Path(path).write_bytes(b"\0" * n_bytes)
+        raise RuntimeError("[write] Unable to write 123456 bytes to file.")
+
+    monkeypatch.setattr(mx, "save_safetensors", save)
+
+
+@pytest.mark.parametrize("existing", [False, True])
+def test_full_disk_while_writing_shards_is_one_line_and_leaves_nothing(
+    tmp_path, capsys, monkeypatch, existing
+):
+    src, out = checkpoint("hybrid_nope"), tmp_path / "out"
+    if existing:
+        run(src, out, check_quality=False)
+        before = sorted(p.name for p in out.iterdir())
+    full_disk_after(monkeypatch)
+    argv = [str(src), str(out), "--quiet", "--skip-quality"] + (["--force"] if existing else [])
+    assert cli.main(argv) == 1
+    captured = capsys.readouterr()
+    err = captured.err.strip()
+    assert err.startswith("granite-mlx convert: error: Could not write model.safetensors")
+    assert "Unable to write" in err and "ulimit -f" in err and "\n" not in err
+    assert "Traceback" not in captured.out + captured.err
+    assert staging_dirs(tmp_path) == []
+    if existing:
+        assert sorted(p.name for p in out.iterdir()) == before  # the old output, untouched
+    else:
+        assert not out.exists()
+
+
+def test_full_disk_while_writing_a_side_file_is_a_write_error(tmp_path, monkeypatch):
+    import errno
+
+    from granite_mlx.convert import pipeline
+    from granite_mlx.convert.errors import WriteError
+
+    def no_space(path, data):
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+    monkeypatch.setattr(pipeline, "write_json", no_space)
+    with pytest.raises(WriteError, match="Could not write config.json .No space left on device"):
+        run(checkpoint("hybrid_nope"), tmp_path / "out", check_quality=False)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_file_size_limit_in_a_real_process(tmp_path):
+    """RLIMIT_FSIZE (`ulimit -f`): the kernel refuses the write (EFBIG; Python ignores
+    SIGXFSZ), MLX raises RuntimeError; the command says so in one line."""
+    import resource
+
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "granite_mlx.convert", str(checkpoint("hybrid_nope")), str(out),
+           "--quiet", "--skip-quality", "--no-quantize"]  # fmt: skip
+
+    def limit():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (20_000, 20_000))
+
+    done = subprocess.run(cmd, preexec_fn=limit, capture_output=True, text=True, timeout=300)
+    err = done.stderr.strip()
+    assert done.returncode == 1, err
+    assert err.startswith("granite-mlx convert: error: Could not write") and "\n" not in err
+    assert not out.exists() and staging_dirs(tmp_path) == []
+
+
+# --- A crash between the two renames that publish the output ---------------------
+
+CRASH_BETWEEN_RENAMES = """
+import os, signal, sys
+from pathlib import Path
+
+rename = Path.rename
+
+def rename_then_die(self, target):
+    result = rename(self, target)
+    if ".old-" in Path(target).name:  # OUT moved aside, the new one not yet in place
+        os.kill(os.getpid(), signal.SIGKILL)
+    return result
+
+Path.rename = rename_then_die
+from granite_mlx.convert.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_a_crash_between_the_publishing_renames_never_loses_the_previous_output(tmp_path):
+    src, out = checkpoint("hybrid_nope"), tmp_path / "out"
+    run(src, out, check_quality=False)  # the previous output: unquantized
+    previous = {p.name: p.read_bytes() for p in out.iterdir()}
+    cmd = [sys.executable, "-c", CRASH_BETWEEN_RENAMES, str(src), str(out), "--quiet",
+           "--skip-quality", "--q-bits", "4", "--force"]  # fmt: skip
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert done.returncode == -signal.SIGKILL
+    assert not out.exists()  # killed between the renames: the only copy is the .old- folder
+    assert any(".old-" in name for name in staging_dirs(tmp_path))
+
+    # The next run, without --force, puts the previous output back and refuses to replace it.
+    with pytest.raises(OutputExistsError):
+        run(src, out, q_bits=8, check_quality=False)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == previous
+    assert not any(".old-" in name for name in staging_dirs(tmp_path))
+    # And with --force it is replaced, leaving nothing behind.
+    run(src, out, q_bits=8, force=True, check_quality=False)
+    assert config_of(out)["quantization"]["bits"] == 8 and staging_dirs(tmp_path) == []
+
+
+def test_an_old_folder_beside_a_finished_output_is_cleaned_up(tmp_path):
+    """Killed after the second rename: OUT is the new output, the .old- folder is stale."""
+    src, out = checkpoint("hybrid_nope"), tmp_path / "out"
+    run(src, out, check_quality=False)
+    stale = tmp_path / ".out.old-999999999-abc"  # no such process
+    shutil.copytree(out, stale)
+    run(src, out, q_bits=8, force=True, check_quality=False)
+    assert not stale.exists() and config_of(out)["quantization"]["bits"] == 8
+
+
+# --- The model card -----------------------------------------------------------------
+
+
+def card_front(out):
+    return (Path(out) / "README.md").read_text().split("---")[1]
+
+
+def test_card_always_has_a_license(tmp_path):
+    run(checkpoint("hybrid_nope"), tmp_path / "a", check_quality=False)  # source has no card
+    assert "license: apache-2.0" in card_front(tmp_path / "a")
+    run(checkpoint("hybrid_nope"), tmp_path / "b", check_quality=False, license="mit")
+    assert "license: mit" in card_front(tmp_path / "b")
+    src = tmp_path / "src"
+    shutil.copytree(checkpoint("hybrid_nope"), src)
+    (src / "README.md").write_text("---\nlicense: other\n---\n# A fine-tune\n")
+    run(src, tmp_path / "c", check_quality=False)
+    assert "license: other" in card_front(tmp_path / "c")
+
+
+@pytest.mark.parametrize("group", [32, 64, 128])
+def test_card_group_size_agrees_with_its_table(tmp_path, group):
+    """moe_hybrid's expert down projection (32 inputs) takes group size 32 whatever
+    is asked; the card's summary line must say so, as its table does."""
+    import re
+
+    out = tmp_path / "out"
+    run(checkpoint("moe_hybrid"), out, q_bits=4, q_group_size=group, check_quality=False)
+    card = (out / "README.md").read_text()
+    summary = card.split("with `granite-mlx convert`: ", 1)[1].split("\n", 1)[0]
+    table = card.split("## Quantization", 1)[1]
+    in_table = {int(g) for g in re.findall(r"-bit g(\d+)", table)}
+    groups = summary.split(" recipe")[0]
+    in_summary = {int(g) for g in re.findall(r"\b(\d+)\b(?!-bit| divides no)", groups)}
+    assert in_table == in_summary, (summary, in_table)

@@ -110,3 +110,101 @@ def test_bad_repo_name_is_refused_before_converting(tmp_path):
     with pytest.raises(UploadError, match="not a Hugging Face repo name"):
         run(tmp_path / "out", upload_repo="bad name/with spaces", client=FakeHub())
     assert not (tmp_path / "out").exists()
+
+
+# --- `granite-mlx upload OUT --repo NAME`, and --dry-run without converting again ----
+
+
+@pytest.fixture
+def converted(tmp_path):
+    out = tmp_path / "out"
+    convert(checkpoint("hybrid_nope"), out, q_bits=4, check_quality=False, progress=False,
+            log=lambda _: None)  # fmt: skip
+    return out
+
+
+@pytest.fixture
+def default_hub(monkeypatch):
+    import huggingface_hub
+
+    hub = FakeHub()
+    monkeypatch.setattr(huggingface_hub, "HfApi", lambda: hub)
+    return hub
+
+
+def test_upload_command_uploads_a_converted_folder(converted, default_hub, capsys):
+    from granite_mlx import cli as main_cli
+
+    assert main_cli.main(["upload", str(converted), "--repo", "me/granite-test", "--private"]) == 0
+    (create, repo, kw), (upload_call, _, kw2) = default_hub.calls
+    assert (create, repo, kw["private"], upload_call) == (
+        "create_repo", "me/granite-test", True, "upload_folder"
+    )
+    assert kw2["folder_path"] == str(converted)
+    assert "Uploaded to https://huggingface.co/me/granite-test" in capsys.readouterr().out
+
+
+def test_upload_command_dry_run_lists_and_calls_nothing(converted, default_hub, capsys):
+    from granite_mlx import cli as main_cli
+
+    assert main_cli.main(["upload", str(converted), "--repo", "me/x", "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert default_hub.calls == [] and "nothing was uploaded" in out
+    assert "model.safetensors" in out and "README.md" in out
+
+
+@pytest.mark.parametrize(
+    "what, message",
+    [
+        ("missing", "is not a folder"),
+        ("empty", "has no config.json"),
+        ("source", "no model card"),  # a checkpoint folder, never converted
+        ("truncated", "is not a complete converted model"),
+    ],
+)
+def test_upload_command_refuses_what_is_not_a_converted_model(
+    tmp_path, converted, default_hub, capsys, what, message
+):
+    import shutil
+
+    from granite_mlx import cli as main_cli
+
+    folder = tmp_path / what
+    if what == "empty":
+        folder.mkdir()
+    elif what == "source":
+        shutil.copytree(checkpoint("hybrid_nope"), folder)
+    elif what == "truncated":
+        shutil.copytree(converted, folder)
+        weights = folder / "model.safetensors"
+        weights.write_bytes(weights.read_bytes()[:1000])
+    assert main_cli.main(["upload", str(folder), "--repo", "me/x"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("granite-mlx upload: error: ") and message in err and "\n" not in err
+    assert default_hub.calls == []
+
+
+def test_upload_command_needs_a_repo(converted, capsys):
+    from granite_mlx import cli as main_cli
+
+    assert main_cli.main(["upload", str(converted)]) == 1
+    assert "--repo" in capsys.readouterr().err
+
+
+def test_dry_run_with_an_existing_output_lists_it_without_converting(
+    converted, default_hub, capsys, monkeypatch
+):
+    from granite_mlx.convert import cli as convert_cli
+
+    def no_conversion(*args, **kwargs):
+        raise AssertionError("converted again")
+
+    monkeypatch.setattr(convert_cli, "convert", no_conversion)
+    argv = [str(checkpoint("hybrid_nope")), str(converted), "--upload-repo", "me/x", "--dry-run"]
+    assert cli.main(argv) == 0
+    out = capsys.readouterr().out
+    assert "exists: listing it as it is, nothing was converted" in out
+    assert "model.safetensors" in out and "nothing was uploaded" in out
+    assert default_hub.calls == []
+    # Bad options are still refused first.
+    assert cli.main([*argv, "--q-bits", "3"]) == 1
