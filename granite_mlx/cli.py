@@ -33,7 +33,7 @@ _DELEGATED = {
 }
 
 
-MAX_SEED = 2**64 - 1  # mx.random.seed takes an unsigned 64-bit integer
+MAX_SEED = 2**63 - 1  # what the engine takes (granite_mlx.sampling.SamplingParams.check)
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -146,19 +146,25 @@ def read_stdin() -> str:
         ) from None
 
 
-def _check_top_k(model: str, top_k: int) -> str:
-    """--top-k against the checkpoint's vocabulary, from its config alone (before the
-    weights load). Returns the resolved model folder."""
+def _check_against_config(args: argparse.Namespace) -> str:
+    """The options against the checkpoint's config alone (before the weights load):
+    --top-k within its vocabulary, then the engine's own check of every sampling
+    option. Returns the resolved model folder."""
     from .config import ModelArgs
     from .loading import load_config, resolve_model_path
+    from .sampling import SamplingParams
 
-    folder = resolve_model_path(model)
+    folder = resolve_model_path(args.model)
     vocab = ModelArgs.from_dict(load_config(folder)).vocab_size
-    if top_k > vocab:
+    if args.top_k > vocab:
         raise GraniteError(
-            f"--top-k {top_k} is larger than the model's vocabulary ({vocab} tokens); use at "
-            f"most {vocab}, or 0 for no top-k filter."
+            f"--top-k {args.top_k} is larger than the model's vocabulary ({vocab} tokens); use "
+            f"at most {vocab}, or 0 for no top-k filter."
         )
+    SamplingParams(
+        temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, min_p=args.min_p,
+        repetition_penalty=args.repetition_penalty, seed=args.seed,
+    ).check(vocab)  # fmt: skip
     return str(folder)
 
 
@@ -173,7 +179,7 @@ def _generate(args: argparse.Namespace) -> int:
     if args.system is not None:
         check_text(args.system, "--system")
     text = read_stdin() if args.prompt == "-" else check_text(args.prompt, "--prompt")
-    model_path = _check_top_k(args.model, args.top_k)
+    model_path = _check_against_config(args)
     model, tokenizer = load(model_path, dtype=args.dtype)
     if args.raw:
         prompt = text

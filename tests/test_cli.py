@@ -116,9 +116,9 @@ def no_loading(monkeypatch):
 @pytest.mark.parametrize(
     "options, message",
     [
-        (["--seed", "-1"], "--seed: must be from 0 to 18446744073709551615, not -1"),
+        (["--seed", "-1"], "--seed: must be from 0 to 9223372036854775807, not -1"),
         (["--seed", "1e23"], "--seed: '1e23' is not a whole number"),
-        (["--seed", "18446744073709551616"], "--seed: must be from 0"),
+        (["--seed", "9223372036854775808"], "--seed: must be from 0"),
         (["--temperature", "nan"], "--temperature/--temp: must be a finite number, not 'nan'"),
         (["--temp", "inf"], "--temperature/--temp: must be a finite number, not 'inf'"),
         (["--temperature", "-0.5"], "--temperature must be 0 (greedy) or more, not -0.5"),
