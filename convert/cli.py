@@ -18,11 +18,11 @@ exit with status 1; no traceback.
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from granite_mlx.cli import ArgumentParser, finite_float
 from granite_mlx.errors import GraniteError
 
 from .errors import ConvertError
@@ -35,26 +35,15 @@ PROG = "granite-mlx convert"
 UPLOAD_PROG = "granite-mlx upload"
 
 
-class _Parser(argparse.ArgumentParser):
-    """argparse that raises instead of exiting with status 2, so bad flags exit 1
-    with one line like every other user error."""
-
-    def error(self, message: str):
-        raise ConvertError(f"{message} (see `{self.prog} --help`)")
-
-
 def _shard_gb(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not math.isfinite(value) or value <= 0:
+    value = finite_float(text)
+    if value <= 0:
         raise argparse.ArgumentTypeError(f"must be a positive finite number of GB, not {text!r}")
     return value
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(
+    p = ArgumentParser(
         prog=PROG,
         description="Convert a Granite 4.0 checkpoint for MLX: quantize, "
         "check its quality against the source, write it, optionally upload it.",
@@ -198,7 +187,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def build_upload_parser() -> argparse.ArgumentParser:
-    p = _Parser(
+    p = ArgumentParser(
         prog=UPLOAD_PROG,
         description="Upload a folder written by `granite-mlx convert` to the Hugging Face Hub "
         "(token from `hf auth login` or HF_TOKEN).",
