@@ -5,6 +5,7 @@ import math
 from pathlib import Path
 
 import pytest
+from conftest import checkpoint
 
 from granite_mlx import ConfigError, ModelArgs
 from granite_mlx.shapes import SHAPES, shape_config
@@ -207,8 +208,6 @@ def test_every_accepted_mutation_builds_a_model_or_a_checkpoint_error(case, monk
     """The configs that pass from_dict but describe another model go all the way
     through load_model: a loaded model or a ConfigError/CheckpointError, never
     another exception."""
-    from conftest import checkpoint
-
     from granite_mlx import CheckpointError, loading
 
     folder = checkpoint(case)
