@@ -49,7 +49,7 @@ def stream_batch_generate(
         )
     if not prompts:
         raise GenerationError("batch_generate needs at least one prompt.")
-    requests = [make_request(encode_input(tokenizer, p, tools, documents), **options)
+    requests = [make_request(encode_input(tokenizer, p, tools, documents), tools=tools, **options)
                 for p in prompts]  # fmt: skip
     engine = Engine(
         model, tokenizer, max_batch=max_batch or len(requests), prefill_step_size=prefill_step_size

@@ -146,6 +146,8 @@ class Request:
         snapshots of this request (without a cache, the prompt alone is the context).
     snapshot_at: absolute token positions (in context + prompt) where the prompt
         cache keeps a snapshot, e.g. where each message of a chat ends.
+    tools: the tools the prompt declared (names or OpenAI schemas); a tool call to
+        any other name is reported invalid. None: names are not checked.
     top_logprobs: report that many most likely tokens per step (at most 20).
     prompt_progress: called as ``prompt_progress(processed, total)`` while prefilling.
     """
@@ -160,6 +162,7 @@ class Request:
     cache: Cache | None = None
     context: Sequence[int] | None = None
     snapshot_at: Sequence[int] = ()
+    tools: Sequence[Any] | None = None
     allow_long_prompt: bool = False
     prompt_progress: Callable[[int, int], None] | None = None
 
@@ -404,7 +407,8 @@ class Engine:
         sampler = RowSampler(request.sampling, processors, history)
         rid = self._next_id
         self._next_id += 1
-        row = _Row(rid, request, sampler, TextAssembler(self.tokenizer, request.stop))
+        text = TextAssembler(self.tokenizer, request.stop, request.tools)
+        row = _Row(rid, request, sampler, text)
         self._rows[rid] = row
         self._waiting.append(row)
         return rid

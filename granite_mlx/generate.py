@@ -34,6 +34,7 @@ from .errors import GenerationError, PromptTooLongError
 from .loading import load_model, resolve_model_path
 from .model import Model
 from .sampling import LogitsProcessor, SamplingParams
+from .surrogates import describe_surrogate, surrogate_at
 from .text import TextAssembler
 from .tokenizer import load_tokenizer
 from .tool_calls import ToolCall
@@ -97,6 +98,12 @@ def encode_input(
             raise GenerationError(
                 "tools= and documents= need a chat prompt: pass a list of messages, not text."
             )
+        bad = surrogate_at(prompt)
+        if bad is not None:
+            raise GenerationError(
+                f"The prompt holds {describe_surrogate(prompt, bad)}, which no text encoding "
+                "can carry: fix the text (it often comes from a bad JSON escape or invalid UTF-8)."
+            )
         bos = getattr(tokenizer, "bos_token", None)
         add_special = bos is None or not prompt.startswith(bos)
         ids = list(tokenizer.encode(prompt, add_special_tokens=add_special))
@@ -131,6 +138,7 @@ def make_request(
     cache: Cache | None = None,
     context: Sequence[int] | None = None,
     snapshot_at: Sequence[int] = (),
+    tools: Sequence[Mapping[str, Any]] | None = None,
     max_tokens: int | None = DEFAULT_MAX_TOKENS,
     temperature: float = 0.0,
     top_p: float = 1.0,
@@ -166,8 +174,8 @@ def make_request(
     return Request(
         prompt=list(ids), max_tokens=max_tokens, sampling=sampling, stop=stop,
         logits_processors=list(logits_processors or ()), top_logprobs=top_logprobs, cache=cache,
-        context=context, snapshot_at=list(snapshot_at), allow_long_prompt=allow_long_prompt,
-        prompt_progress=prompt_progress,
+        context=context, snapshot_at=list(snapshot_at), tools=tools,
+        allow_long_prompt=allow_long_prompt, prompt_progress=prompt_progress,
     )  # fmt: skip
 
 
@@ -250,7 +258,7 @@ def stream_generate(
     The final response's ``tool_calls`` lists every tool call of the answer.
     """
     ids = encode_input(tokenizer, prompt, tools, documents)
-    request = make_request(ids, cache=cache, **options)
+    request = make_request(ids, cache=cache, tools=tools, **options)
     return run_request(
         model, tokenizer, request, prefill_step_size=prefill_step_size, cancel=cancel
     )

@@ -187,7 +187,7 @@ class ChatSession:
         else:  # the engine resumes from the longest snapshot instead
             cache, context, prompt = self.model.make_cache(), [], ids
         request = make_request(
-            prompt, cache=cache, context=context,
+            prompt, cache=cache, context=context, tools=self.tools,
             snapshot_at=message_boundaries(self.tokenizer, ids), **options,
         )  # fmt: skip
         stream = run_request(

@@ -8,7 +8,7 @@ could begin ``<tool_call>``, or an open call: its markup is never shown).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from .tool_calls import ParseUpdate, ToolCallParser
@@ -17,12 +17,17 @@ from .tool_calls import ParseUpdate, ToolCallParser
 class TextAssembler:
     """Turns one answer's sampled tokens into the text to show and the tool calls made."""
 
-    def __init__(self, tokenizer: Any, stop: Sequence[str] = ()):
+    def __init__(
+        self,
+        tokenizer: Any,
+        stop: Sequence[str] = (),
+        tools: Sequence[str | Mapping[str, Any]] | None = None,
+    ):
         self._detokenizer = tokenizer.detokenizer
         self._stop = [s for s in stop if s]
         self._longest_stop = max((len(s) for s in self._stop), default=0)
         self._pending = ""  # text that may still turn out to start a stop string
-        self._parser = ToolCallParser()
+        self._parser = ToolCallParser(tools)  # a call to an undeclared tool comes back invalid
         self.stopped = False  # a stop string was found; later text is dropped
 
     def add(self, token: int) -> ParseUpdate:

@@ -443,3 +443,22 @@ def test_complete_returns_the_text_and_every_tool_call():
     assert result.tool_calls[0].arguments == {"city": "Boston"}
     assert result.tokens == forced and result.generation_tokens == len(forced)
     assert generate(model, tokenizer, "Weather?", logits_processors=[force(forced)]) == "Checking."
+
+
+def test_a_prompt_with_a_lone_surrogate_is_refused_naming_it():
+    model, tokenizer = real_vocab()
+    with pytest.raises(GenerationError, match="lone surrogate"):
+        stream_generate(model, tokenizer, "bad \ud800 text")
+
+
+def test_a_call_to_an_undeclared_tool_is_reported_invalid():
+    from granite_mlx import complete
+
+    model, tokenizer = real_vocab()
+    tools = [{"type": "function", "function": {"name": "get_weather", "parameters": {}}}]
+    call = '<tool_call>\n{"name": "delete_files", "arguments": {}}\n</tool_call>'
+    forced = tokenizer.encode(call, add_special_tokens=False) + [EOS]
+    messages = [{"role": "user", "content": "Weather?"}]
+    result = complete(model, tokenizer, messages, tools=tools, logits_processors=[force(forced)])
+    (bad,) = result.tool_calls
+    assert not bad.valid and "delete_files" in bad.error
