@@ -13,6 +13,7 @@ included: they are checked before the model loads); Ctrl+C exits 130.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import math
 import os
@@ -98,6 +99,18 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--stop", action="append", default=[], help="stop string (repeat for several)")
     gen.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], default=None)
     gen.add_argument("--allow-long-prompt", action="store_true")
+    gen.add_argument(
+        "--parallel",
+        choices=["pipeline", "tensor"],
+        help="split the model across the ranks started by mlx.launch (README: Several Macs)",
+    )
+    gen.add_argument(
+        "--peer-timeout",
+        type=finite_float,
+        default=300.0,
+        metavar="SECONDS",
+        help="with --parallel: stop when no step completes for this long (default 300)",
+    )
     for name, (_, _, help_text) in _DELEGATED.items():
         commands.add_parser(name, help=help_text, add_help=False)
     return parser
@@ -115,6 +128,7 @@ def check_sampling(args: argparse.Namespace) -> None:
     if args.repetition_penalty is not None:
         penalty = args.repetition_penalty
         ranges.append(("--repetition-penalty", penalty, penalty > 0, "above 0 (1 is off)"))
+    ranges.append(("--peer-timeout", args.peer_timeout, args.peer_timeout > 0, "above 0"))
     for option, value, ok, expected in ranges:
         if not ok:
             raise GraniteError(f"{option} must be {expected}, not {value}.")
@@ -168,9 +182,33 @@ def _check_against_config(args: argparse.Namespace) -> str:
     return str(folder)
 
 
-def _generate(args: argparse.Namespace) -> int:
-    from .generate import load, stream_generate
+class _Rank:
+    """This process's place in a run of several (`--parallel` under mlx.launch): only
+    rank 0 writes output, and the others report only errors of their own."""
 
+    number = 0
+    comm = None
+    options_checked = False  # before that, an error is the same on every rank (same argv)
+
+    @classmethod
+    def wait_for_all(cls) -> None:
+        """Before leaving on an error every rank met: let rank 0 report it first (mlx.launch
+        stops every rank as soon as one exits with an error)."""
+        from .parallel import barrier
+
+        if cls.comm is not None:
+            barrier(cls.comm)
+
+
+def _launched_by_mlx() -> bool:
+    return "MLX_RANK" in os.environ and ("MLX_HOSTFILE" in os.environ or "MLX_IBV_DEVICES" in os.environ)
+
+
+def _generate(args: argparse.Namespace) -> int:
+    from .parallel import LaunchError
+
+    if _launched_by_mlx():
+        _Rank.number = int(os.environ["MLX_RANK"])
     if args.system is not None and args.raw:
         raise GraniteError("--system needs the chat format; drop --raw.")
     check_sampling(args)
@@ -178,38 +216,81 @@ def _generate(args: argparse.Namespace) -> int:
         check_text(stop, f"--stop {stop!r}")
     if args.system is not None:
         check_text(args.system, "--system")
-    text = read_stdin() if args.prompt == "-" else check_text(args.prompt, "--prompt")
+    if args.parallel is None:
+        if _launched_by_mlx():
+            raise LaunchError(
+                "Started by mlx.launch: pass --parallel pipeline or --parallel tensor to split "
+                "the model across the ranks (each rank would otherwise run all of it)."
+            )
+        text = read_stdin() if args.prompt == "-" else check_text(args.prompt, "--prompt")
+        _Rank.options_checked = True
+        return _generate_here(args, text)
+    if args.prompt == "-" and _launched_by_mlx():
+        raise LaunchError(
+            "mlx.launch passes stdin on without ever closing it, so --prompt - would wait "
+            'forever: pass the prompt as --prompt "$(cat FILE)".'
+        )
+    from .parallel import Comm, ParallelError, Watchdog, broadcast_object, init_group, is_peer_error
+
+    check_text(args.prompt, "--prompt")
+    _Rank.options_checked = True
+    comm = _Rank.comm = Comm(init_group())
+    _Rank.number = comm.rank
+    try:
+        # Rank 0 does all the I/O: it reads the prompt and shares it.
+        text = (read_stdin() if args.prompt == "-" else args.prompt) if comm.rank == 0 else None
+        text = broadcast_object(text, comm)
+        return _generate_here(args, text, Watchdog(args.peer_timeout, comm.rank))
+    except RuntimeError as exc:
+        if is_peer_error(exc):
+            raise ParallelError(
+                f"rank {comm.rank} lost the connection to another rank ({exc}): it stopped or "
+                "the link failed."
+            ) from None
+        raise
+
+
+def _generate_here(args: argparse.Namespace, text: str, watchdog=None) -> int:
+    """Generate on this process; with --parallel every rank runs this in lockstep, the
+    `watchdog` (granite_mlx.parallel.Watchdog) armed once the model is loaded."""
+    from .generate import load, stream_generate
+
     model_path = _check_against_config(args)
-    model, tokenizer = load(model_path, dtype=args.dtype)
+    model, tokenizer = load(model_path, dtype=args.dtype, parallel=args.parallel)
     if args.raw:
         prompt = text
     else:
         prompt = ([{"role": "system", "content": args.system}] if args.system else []) + [
             {"role": "user", "content": text}
         ]
+    leader = _Rank.number == 0
+    out = sys.stdout if leader else open(os.devnull, "w")  # noqa: SIM115 (closed at exit)
+    if watchdog is not None:
+        model.watchdog = watchdog  # each model call proves the ranks are still in step
     last = None
-    for response in stream_generate(
-        model,
-        tokenizer,
-        prompt,
-        max_tokens=args.max_tokens,
-        temperature=args.temperature,
-        top_p=args.top_p,
-        top_k=args.top_k,
-        min_p=args.min_p,
-        repetition_penalty=args.repetition_penalty,
-        seed=args.seed,
-        stop=args.stop,
-        allow_long_prompt=args.allow_long_prompt,
-    ):
-        out = response.text + "".join(call.raw for call in response.tool_calls)
-        if out:
-            sys.stdout.write(out)
-            sys.stdout.flush()
-        last = response
-    sys.stdout.write("\n")
-    sys.stdout.flush()
-    if last is not None:
+    with watchdog if watchdog is not None else contextlib.nullcontext():
+        for response in stream_generate(
+            model,
+            tokenizer,
+            prompt,
+            max_tokens=args.max_tokens,
+            temperature=args.temperature,
+            top_p=args.top_p,
+            top_k=args.top_k,
+            min_p=args.min_p,
+            repetition_penalty=args.repetition_penalty,
+            seed=args.seed,
+            stop=args.stop,
+            allow_long_prompt=args.allow_long_prompt,
+        ):
+            shown = response.text + "".join(call.raw for call in response.tool_calls)
+            if shown:
+                out.write(shown)
+                out.flush()
+            last = response
+    out.write("\n")
+    out.flush()
+    if last is not None and leader:
         print(
             f"prompt: {last.prompt_tokens} tokens, {last.prompt_tps:.1f} tok/s | "
             f"generation: {last.generation_tokens} tokens, {last.generation_tps:.1f} tok/s | "
@@ -233,6 +314,14 @@ def _delegate(command: str, argv: list[str]) -> int:
     return result if isinstance(result, int) else 0
 
 
+def _same_on_every_rank(exc: BaseException) -> bool:
+    """Errors every rank meets alike (same options, same model): rank 0 reports them."""
+    from .errors import GenerationError
+    from .parallel import LaunchError, SplitError
+
+    return not _Rank.options_checked or isinstance(exc, (GenerationError, SplitError, LaunchError))
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the exit status."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -245,7 +334,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         sys.stderr.write("\n")
         return 130
     except (GraniteError, FileNotFoundError, PermissionError, IsADirectoryError) as exc:
-        print(f"granite-mlx: error: {exc}", file=sys.stderr)
+        alike = _same_on_every_rank(exc)
+        if _Rank.number == 0:
+            print(f"granite-mlx: error: {exc}", file=sys.stderr, flush=True)
+        elif not alike:
+            print(f"granite-mlx: error: rank {_Rank.number}: {exc}", file=sys.stderr)
+        if alike:
+            _Rank.wait_for_all()
         return 1
     except BrokenPipeError:
         # `granite-mlx generate ... | head`: the reader left; not an error worth a traceback.

@@ -137,10 +137,10 @@ class CompiledDecoder:
             else:
                 visible = (keys[None] <= offset) & (keys[None] >= left[:, None])  # (b,cap)
                 mask = visible[:, None, None, :]  # (b,1,1,cap)
-        h = model.model.embed_tokens(token[:, 0]) * model.args.embedding_multiplier  # (b, hidden)
+        h = model.embed(token[:, 0])  # (b, hidden)
         for layer, shim in zip(model.layers, shims):
             h = layer.step(h, shim, mask)
-        logits = model.logits(model.model.norm(h))[:, None]
+        logits = model.logits(model.model.norm(model.stage_output(h, shims)))[:, None]
         out = [logits]
         for shim in shims:
             if isinstance(shim, _FixedKV):

@@ -65,15 +65,18 @@ DEFAULT_PREFILL_STEP_SIZE = None  # per device: see default_prefill_step_size()
 
 
 def load(
-    path_or_repo_id: str | os.PathLike, dtype: str | mx.Dtype | None = None
+    path_or_repo_id: str | os.PathLike,
+    dtype: str | mx.Dtype | None = None,
+    parallel: str | None = None,
 ) -> tuple[Model, TokenizerWrapper]:
     """Load a checkpoint's model and tokenizer from one folder (or Hub repo id).
 
     dtype: "bfloat16", "float16" or "float32" to cast the weights; None keeps
-    the checkpoint's own.
+    the checkpoint's own. parallel: "pipeline" or "tensor" to split the model
+    across the ranks of `mlx.launch` (see `load_model`).
     """
     folder = resolve_model_path(path_or_repo_id)
-    return load_model(folder, dtype), load_tokenizer(folder)
+    return load_model(folder, dtype, parallel), load_tokenizer(folder)
 
 
 # --------------------------------------------------------------------------

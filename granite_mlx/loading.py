@@ -257,13 +257,26 @@ def model_from_folder(folder: Path, dtype: str | mx.Dtype | None = None) -> Mode
     return model
 
 
-def load_model(path_or_repo_id: str | os.PathLike, dtype: str | mx.Dtype | None = None) -> Model:
+def load_model(
+    path_or_repo_id: str | os.PathLike,
+    dtype: str | mx.Dtype | None = None,
+    parallel: str | None = None,
+    group: mx.distributed.Group | None = None,
+) -> Model:
     """Load a Granite 4.0 checkpoint from a local folder or a Hugging Face repo id.
 
     dtype: "bfloat16", "float16" or "float32" to cast the weights (quantized
     weights stay quantized); None keeps the checkpoint's own.
+    parallel: None for this process alone; "pipeline" or "tensor" to hold this
+    rank's part of the model across the ranks `mlx.launch` started (`group`, by
+    default `mx.distributed.init()`'s); see granite_mlx.parallel.
     """
-    return model_from_folder(resolve_model_path(path_or_repo_id), dtype)
+    folder = resolve_model_path(path_or_repo_id)
+    if parallel is None:
+        return model_from_folder(folder, dtype)
+    from .parallel import load_sharded
+
+    return load_sharded(folder, parallel, dtype, group)
 
 
 # --- fingerprint_weights ------------------------------------------------------------

@@ -45,16 +45,26 @@ class Linear(nn.Linear):
 
 class RMSNormGated(nn.Module):
     """rmsnorm(y * silu(z)) * weight, in float32, the RMS taken per group of d_inner
-    (as the reference does; one group in every released checkpoint)."""
+    (as the reference does; one group in every released checkpoint).
+
+    Tensor parallel (granite_mlx.parallel), a rank may hold only part of its
+    group's channels: `sum_over_ranks` then adds up the ranks' sums of squares,
+    and the mean divides by the whole group's width, `group_dims`.
+    """
 
     def __init__(self, dims: int, n_groups: int, eps: float):
         super().__init__()
         self.weight = mx.ones((dims,))
         self.n_groups = n_groups
         self.eps = eps
+        self.sum_over_ranks = None
+        self.group_dims = dims // n_groups
 
     def __call__(self, y: mx.array, z: mx.array) -> mx.array:
         y = y.astype(mx.float32) * nn.silu(z.astype(mx.float32))
+        if self.sum_over_ranks is not None:
+            squares = self.sum_over_ranks(mx.sum(y * y, axis=-1, keepdims=True))
+            return y * mx.rsqrt(squares / self.group_dims + self.eps) * self.weight.astype(mx.float32)
         if self.n_groups == 1:
             return mx.fast.rms_norm(y, self.weight.astype(mx.float32), self.eps)
         *lead, d = y.shape
@@ -369,6 +379,9 @@ class DecoderLayer(nn.Module):
     def __init__(self, args: ModelArgs, kind: str):
         super().__init__()
         self.kind = kind
+        # Tensor parallel (granite_mlx.parallel): each rank's mixer and MLP give a
+        # partial sum of the block's output; `reduce` adds them up over the ranks.
+        self.reduce = None
         self.residual_multiplier = args.residual_multiplier
         self.input_layernorm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
         self.post_attention_layernorm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
@@ -386,7 +399,7 @@ class DecoderLayer(nn.Module):
             h = self.mamba(n, cache, pad_mask)
         else:
             h = self.self_attn(n, cache, mask)
-        return self._mlp(x + self.residual_multiplier * h)
+        return self._mlp(x + self.residual_multiplier * self._reduce(h))
 
     def step(self, x: mx.array, cache, mask=None) -> mx.array:
         """Decode one token, x: (b, hidden) (see the mixers' `step`)."""
@@ -395,14 +408,17 @@ class DecoderLayer(nn.Module):
             h = self.mamba.step(n, cache)
         else:
             h = self.self_attn.step(n, cache, mask)
-        return self._mlp(x + self.residual_multiplier * h)
+        return self._mlp(x + self.residual_multiplier * self._reduce(h))
 
     def _mlp(self, x: mx.array) -> mx.array:
         n = self.post_attention_layernorm(x)
         h = self.shared_mlp(n)
         if "block_sparse_moe" in self:
             h = h + self.block_sparse_moe(n)
-        return x + self.residual_multiplier * h
+        return x + self.residual_multiplier * self._reduce(h)
+
+    def _reduce(self, h: mx.array) -> mx.array:
+        return h if self.reduce is None else self.reduce(h)
 
 
 class GraniteModel(nn.Module):
@@ -447,9 +463,21 @@ class Model(nn.Module):
             return self._decoder(tokens, cache)
         return self.logits(self.hidden_states(tokens, cache))
 
+    def embed(self, tokens: mx.array) -> mx.array:
+        """Token ids (b, l) -> the first layer's input (b, l, hidden)."""
+        return self.model.embed_tokens(tokens) * self.args.embedding_multiplier
+
+    def stage_output(self, h: mx.array, cache) -> mx.array:
+        """The hidden states after this process's layers -> after all layers.
+
+        The same here; a pipeline stage (granite_mlx.parallel) passes them on to
+        the next stage and receives the last stage's.
+        """
+        return h
+
     def hidden_states(self, tokens: mx.array, cache: Cache | None = None) -> mx.array:
         """The final-normed hidden states (b, l, hidden)."""
-        h = self.model.embed_tokens(tokens) * self.args.embedding_multiplier
+        h = self.embed(tokens)
         l = tokens.shape[1]
         offset = cache[0].offset if cache else 0
         pad_mask, mask = None, ("causal" if l > 1 else None)
@@ -466,7 +494,7 @@ class Model(nn.Module):
             mask = (allowed | (keys == queries))[:, None]  # (b, 1, l, s)
         for i, layer in enumerate(self.layers):
             h = layer(h, cache[i] if cache else None, mask, pad_mask)
-        return self.model.norm(h)
+        return self.model.norm(self.stage_output(h, cache))
 
     def logits(self, h: mx.array) -> mx.array:
         if self.args.tie_word_embeddings:

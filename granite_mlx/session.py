@@ -54,7 +54,11 @@ def _architecture(model: Model) -> dict[str, Any]:
         "vocab_size", "hidden_size", "num_hidden_layers", "layer_types", "num_attention_heads",
         "num_key_value_heads", "mamba_n_heads", "mamba_d_head", "mamba_d_state",
     )  # fmt: skip
-    return {k: getattr(args, k, None) for k in keys}
+    out = {k: getattr(args, k, None) for k in keys}
+    shard = getattr(model, "shard", None)  # a rank's part of a model (granite_mlx.parallel)
+    if shard is not None:
+        out["shard"] = shard.describe()
+    return out
 
 
 def state_bytes(model: Model) -> int:
