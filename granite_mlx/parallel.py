@@ -57,28 +57,33 @@ import re
 import sys
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import mlx.core as mx
+import numpy as np
 from mlx import nn
 from mlx.utils import tree_flatten, tree_unflatten
 
 from .config import ModelArgs
+from .engine import Engine, GenerationResponse, Request
 from .errors import GraniteError
 from .model import Model
+from .sampling import SamplingParams, _draw_seed
 
 __all__ = [
     "MODES",
     "Comm",
     "LaunchError",
+    "LockstepEngine",
     "ParallelError",
     "Shard",
     "ShardedModel",
     "SplitError",
     "Watchdog",
     "broadcast_object",
+    "follow",
     "is_peer_error",
     "load_sharded",
     "plan_stages",
@@ -156,14 +161,25 @@ class Comm:
         return mx.distributed.recv(shape, dtype, src, group=self.group)
 
 
+def _share(data: bytes | None, comm: Comm, length: int | None = None) -> tuple[int, bytes]:
+    """Rank 0's bytes on every rank, after their length (rank 0 may send a negative
+    `length` as a signal, with no bytes). One all_sum when there are none."""
+    if comm.rank == 0:
+        length = len(data or b"") if length is None else length
+    n = int(comm.all_sum(mx.array([length if comm.rank == 0 else 0], mx.int32)).item())
+    if n <= 0:
+        return n, b""
+    if comm.rank == 0:
+        buf = mx.array(np.frombuffer(data, np.uint8))
+    else:
+        buf = mx.zeros((n,), mx.uint8)
+    return n, bytes(np.array(comm.all_sum(buf)))  # the others add zeros
+
+
 def broadcast_object(obj: Any, comm: Comm) -> Any:
     """Rank 0's JSON-able `obj` on every rank (the others pass anything, e.g. None)."""
-    data = json.dumps(obj).encode() if comm.rank == 0 else b""
-    n = int(comm.all_sum(mx.array([len(data)], mx.int32)).item())
-    buf = mx.array(list(data), mx.uint8) if comm.rank == 0 else mx.zeros((n,), mx.uint8)
-    if n:
-        buf = comm.all_sum(buf)  # the others add zeros
-    return json.loads(bytes(buf.tolist()).decode()) if n else None
+    n, data = _share(json.dumps(obj).encode() if comm.rank == 0 else None, comm)
+    return json.loads(data) if n > 0 else None
 
 
 def barrier(comm: Comm) -> None:
@@ -805,6 +821,108 @@ def _checkpoint_float(tensors: dict[str, tuple[Path, dict]]) -> mx.Dtype:
     names = {"BF16": mx.bfloat16, "F16": mx.float16, "F32": mx.float32}
     norm = tensors.get("model.norm.weight")
     return names.get(norm[1]["dtype"], mx.bfloat16) if norm else mx.bfloat16
+
+
+# --------------------------------------------------------------------------
+# The engine in lockstep
+# --------------------------------------------------------------------------
+
+_STOP = -1
+
+
+def _request_to_json(request) -> dict:
+    """The parts of an engine Request that every rank needs, as JSON."""
+    if request.logits_processors or request.constraint is not None or request.cache is not None:
+        raise ParallelError(
+            "A distributed engine replays each request on every rank, so it takes only what "
+            "can be sent there: no logits_processors, constraint or cache (use the "
+            "SamplingParams options, and the engine's prompt cache)."
+        )
+    return {
+        "prompt": [int(t) for t in request.prompt], "max_tokens": request.max_tokens,
+        "sampling": asdict(request.sampling), "stop": list(request.stop),
+        "top_logprobs": request.top_logprobs,
+        "context": None if request.context is None else [int(t) for t in request.context],
+        "snapshot_at": [int(t) for t in request.snapshot_at],
+        "allow_long_prompt": request.allow_long_prompt,
+    }  # fmt: skip
+
+
+def _request_from_json(data: dict) -> Request:
+    return Request(**{**data, "sampling": SamplingParams(**data["sampling"])})
+
+
+class LockstepEngine(Engine):
+    """Rank 0's engine in a distributed run: each `step` first sends the requests and
+    aborts made since the last one to the other ranks, which replay them on their own
+    engine (`follow`) and discard its output; every rank then makes the same model
+    calls in the same order. Requests whose seed is None get one drawn here, so
+    sampling agrees. A prompt cache is allowed in tensor mode only: it evicts by the
+    bytes it holds, which pipeline stages hold unequally. `shutdown` releases the others.
+    """
+
+    def __init__(self, model, tokenizer, comm: Comm | None = None, **engine_options: Any):
+        self.comm = comm or getattr(model, "comm", None) or Comm(init_group())
+        if self.comm.rank != 0:
+            raise ParallelError("LockstepEngine runs on rank 0; the other ranks call follow().")
+        _check_engine_options(model, engine_options)
+        super().__init__(model, tokenizer, **engine_options)
+        self._news: dict[str, list] = {"add": [], "abort": []}
+
+    def add(self, request: Request) -> int:
+        data = _request_to_json(request)
+        if request.sampling.seed is None:
+            request = replace(request, sampling=replace(request.sampling, seed=_draw_seed()))
+            data["sampling"]["seed"] = request.sampling.seed
+        rid = super().add(request)  # a bad request raises here, on rank 0 alone
+        self._news["add"].append(data)
+        return rid
+
+    def abort(self, rid: int) -> None:
+        super().abort(rid)
+        self._news["abort"].append(rid)
+
+    def step(self) -> list[tuple[int, GenerationResponse]]:
+        news = json.dumps(self._news).encode() if any(self._news.values()) else b""
+        self._news = {"add": [], "abort": []}
+        _share(news, self.comm)
+        return super().step()
+
+    def shutdown(self) -> None:
+        """End every request, then let the other ranks return from `follow`."""
+        self.close()
+        _share(None, self.comm, length=_STOP)
+
+
+def follow(model, tokenizer, comm: Comm | None = None, **engine_options: Any) -> int:
+    """On every rank but 0: replay rank 0's `LockstepEngine` until it shuts down.
+    Returns the number of steps taken."""
+    comm = comm or getattr(model, "comm", None) or Comm(init_group())
+    _check_engine_options(model, engine_options)
+    engine = Engine(model, tokenizer, **engine_options)
+    steps = 0
+    while True:
+        n, data = _share(None, comm)
+        if n == _STOP:
+            return steps
+        if n > 0:
+            news = json.loads(data)
+            for request in news["add"]:
+                engine.add(_request_from_json(request))
+            for rid in news["abort"]:
+                engine.abort(rid)
+        engine.step()  # the events are rank 0's to report
+        steps += 1
+
+
+def _check_engine_options(model, options: dict) -> None:
+    shard = getattr(model, "shard", None)
+    if options.get("prompt_cache") is not None and shard is not None and shard.mode == "pipeline":
+        raise ParallelError(
+            "A prompt cache evicts by the bytes it holds, which differ between pipeline "
+            "stages, so the ranks would disagree on what it holds: use parallel='tensor' "
+            "(every rank holds the same share) or no prompt cache."
+        )
 
 
 # --------------------------------------------------------------------------

@@ -93,6 +93,60 @@ def session(full, sharded, tokenizer, out: Path, name: str, rank: int) -> dict:
     return result
 
 
+def lockstep(full, sharded, tokenizer, rank: int) -> dict:
+    """Rank 0 drives a LockstepEngine (requests joining, one aborted, one sampled with no
+    seed, a prompt-cache hit in tensor mode), the others follow; rank 0 then replays the
+    same calls on one single-process Engine."""
+    from granite_mlx.engine import Engine, Request
+    from granite_mlx.parallel import LockstepEngine, ParallelError, follow
+    from granite_mlx.prompt_cache import PromptCache
+    from granite_mlx.sampling import SamplingParams
+
+    tensor = sharded.shard.mode == "tensor"
+
+    def options():
+        return {"max_batch": 4, "prompt_cache": PromptCache(2**26) if tensor else None}
+
+    if rank != 0:
+        return {"steps": follow(sharded, tokenizer, **options())}
+    base = [(7 * i + 3) % 500 for i in range(20)]
+
+    def script(seed=None) -> dict:
+        sampled = SamplingParams(temperature=0.9, seed=seed)  # no seed: the engine draws one
+        return {
+            0: [("add", Request(prompt=base, max_tokens=6)),
+                ("add", Request(prompt=base[:9], max_tokens=8, sampling=sampled))],
+            10: [("add", Request(prompt=base + [11, 12], max_tokens=5))],  # base is cached by then
+            3: [("abort", 1)],
+        }  # fmt: skip
+
+    result: dict = {}
+    engine = LockstepEngine(sharded, tokenizer, **options())
+    try:
+        engine.add(Request(prompt=[1, 2], logits_processors=[lambda h, x: x]))
+    except ParallelError as e:
+        result["refused"] = str(e)
+    runs, actions = [], script()
+    for eng in (engine, Engine(full, tokenizer, **options())):
+        got: dict[int, list] = {}
+        steps = 0
+        while steps <= max(actions) or eng.has_work:
+            for action, arg in actions.get(steps, []):
+                if action == "abort":
+                    eng.abort(arg)
+                elif eng.add(arg) == 1:  # the one-process run samples with the seed drawn here
+                    seed = eng._rows[1].request.sampling.seed
+            for rid, r in eng.step():
+                got.setdefault(rid, []).append([r.token, r.finish_reason, r.cached_tokens])
+            steps += 1
+        runs.append(got)
+        result.setdefault("steps", steps)
+        actions = script(seed)
+    engine.shutdown()
+    result["sharded"], result["full"] = runs
+    return result
+
+
 def run(spec: dict, rank: int, out: Path, tokenizer) -> dict:
     folder = spec["folders"][rank] if "folders" in spec else spec["folder"]
     sharded = load_model(folder, dtype="float32", parallel=spec["mode"])
@@ -109,6 +163,8 @@ def run(spec: dict, rank: int, out: Path, tokenizer) -> dict:
         result["cached_plain"] = cached(full, sharded, ids, False)
     if "generate" in checks:
         result.update(generation(full, sharded, tokenizer, ids[0].tolist()))
+    if "lockstep" in checks:
+        result["lockstep"] = lockstep(full, sharded, tokenizer, rank)
     if "session" in checks:
         result["session"] = session(full, sharded, tokenizer, out, spec["name"], rank)
     return result
@@ -119,7 +175,7 @@ def main() -> None:
     out = Path(sys.argv[2])
     rank = mx.distributed.init().rank()
     # Loading the tokenizer costs seconds: once, and only when a check generates.
-    needs = any({"generate", "session"} & set(spec.get("checks", [])) for spec in specs)
+    needs = any({"generate", "session", "lockstep"} & set(spec.get("checks", [])) for spec in specs)
     tokenizer = load_tokenizer(Path(sys.argv[3])) if needs else None
     results = {}
     for spec in specs:

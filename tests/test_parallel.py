@@ -29,7 +29,7 @@ import pytest
 from checkpoint_factory import config_for, write_checkpoint
 from conftest import FIXTURES, REFERENCE, checkpoint
 
-from granite_mlx import cli
+from granite_mlx import cli, generate, load
 from granite_mlx.config import ModelArgs
 from granite_mlx.parallel import (
     SplitError,
@@ -139,7 +139,8 @@ def spec(name: str, folder: Path, mode: str, *checks: str) -> dict:
 def two_ranks(folders, tmp_path_factory) -> list[dict]:
     specs = []
     for mode in MODES:
-        specs.append(spec(f"hybrid_nope/{mode}", folders["hybrid_nope"], mode, "logits", "generate"))
+        specs.append(spec(f"hybrid_nope/{mode}", folders["hybrid_nope"], mode, "logits", "generate",
+                          "lockstep"))  # fmt: skip
         for case in CASES[1:]:
             specs.append(spec(f"{case}/{mode}", folders[case], mode, "logits"))
         specs.append(spec(f"real_vocab/{mode}", folders["real_vocab"], mode, "session"))
@@ -198,6 +199,29 @@ def test_greedy_and_batched_generation_are_identical(two_ranks, mode):
         assert r["batch_sharded"] == r["batch_full"]
     # Sampling with no seed given: rank 0's seed was shared, so every rank drew alike.
     assert ranks[0]["sampled_sharded"] == ranks[1]["sampled_sharded"]
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_the_engine_in_lockstep_answers_as_one_process_does(two_ranks, mode):
+    ranks = result(two_ranks, f"hybrid_nope/{mode}")
+    lead = ranks[0]["lockstep"]
+    assert lead["sharded"] == lead["full"]  # every request's tokens, finish reasons, cache hits
+    assert sorted(lead["full"]) == ["0", "1", "2"]
+    assert lead["full"]["1"][-1][1] == "cancelled"
+    if mode == "tensor":  # its prompt cache served the third request's shared prefix
+        assert lead["full"]["2"][0][2] > 0
+    assert ranks[1]["lockstep"]["steps"] == lead["steps"]  # the follower stepped alike
+    assert "no logits_processors, constraint or cache" in lead["refused"]
+
+
+def test_a_prompt_cache_is_refused_across_pipeline_stages():
+    from granite_mlx.parallel import ParallelError, Shard, _check_engine_options
+
+    class Stage:
+        shard = Shard("pipeline", 0, 2, (0, 2), (0, 256))
+
+    with pytest.raises(ParallelError, match="differ between pipeline stages"):
+        _check_engine_options(Stage(), {"prompt_cache": object()})
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -263,13 +287,11 @@ def generate_argv(folder: Path, *extra: str) -> list[str]:
 
 
 def test_cli_generate_under_mlx_launch_prints_once(folders):
-    alone = subprocess.run(
-        generate_argv(folders["hybrid_nope"], "--max-tokens", "16"), check=False,
-        capture_output=True, text=True,
-    )  # fmt: skip
-    assert alone.returncode == 0
-    done = launch(2, generate_argv(folders["hybrid_nope"], "--max-tokens", "16", "--parallel", "tensor"), 300)
-    assert done.stdout == alone.stdout  # rank 0 alone writes, the same answer
+    model, tokenizer = load(folders["hybrid_nope"], dtype="float32")
+    alone = generate(model, tokenizer, "ab", max_tokens=12)
+    argv = generate_argv(folders["hybrid_nope"], "--max-tokens", "12", "--parallel", "pipeline")
+    done = launch(2, argv, 300)
+    assert done.stdout == alone + "\n"  # rank 0 alone writes, the same answer
     assert done.stderr.count("prompt:") == 1 and "finish: length" in done.stderr
 
 
@@ -290,7 +312,7 @@ def test_cli_errors_every_rank_meets_are_reported_by_rank_0_alone(capsys, monkey
     argv = generate_argv(folders["hybrid_nope"], "--top-p", "2")[1:]
     assert cli.main(argv) == 1
     assert capsys.readouterr().err == ""  # rank 0 says it
-    assert cli.main([*argv[:3], "/nonexistent", *argv[4:]]) == 1
+    assert cli.main([*argv[:2], "/nonexistent", *argv[3:]]) == 1
     assert capsys.readouterr().err.startswith("granite-mlx: error: rank 1: No model folder at")
 
 
