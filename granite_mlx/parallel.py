@@ -285,9 +285,8 @@ class _Plan:
     def local_quantization(self, quant: dict[str, Any]) -> dict[str, Any]:
         return quant
 
-    def _head_rows(self, name: str, w: mx.array) -> mx.array:
-        axis = max(w.ndim - 2, 0)
-        return _take(w, [self.vocab], axis, self.args.vocab_size)
+    def _head_rows(self, w: mx.array) -> mx.array:
+        return _take(w, [self.vocab], max(w.ndim - 2, 0), self.args.vocab_size)
 
 
 class _PipelinePlan(_Plan):
@@ -298,11 +297,6 @@ class _PipelinePlan(_Plan):
 
     def shard(self) -> Shard:
         return Shard("pipeline", self.rank, self.size, (self.start, self.stop), self.vocab)
-
-    def _head_name(self, name: str) -> bool:
-        if name.startswith("lm_head."):
-            return True
-        return self.args.tie_word_embeddings and name.startswith("model.embed_tokens.")
 
     def local_name(self, name: str) -> str | None:
         m = _LAYER.match(name)
@@ -317,8 +311,9 @@ class _PipelinePlan(_Plan):
         return name
 
     def cut(self, name: str, w: mx.array) -> mx.array:
-        if self._head_name(name) and not (self.rank == 0 and name.startswith("model.embed")):
-            return self._head_rows(name, w)
+        # Rank 0 keeps the whole (tied) embedding to look tokens up; the head is split.
+        if name.startswith("lm_head.") or (name.startswith("model.embed_tokens.") and self.rank):
+            return self._head_rows(w)
         return w
 
     def restructure(self, model: ShardedModel) -> None:
@@ -326,7 +321,7 @@ class _PipelinePlan(_Plan):
         inner.layers = inner.layers[self.start : self.stop]
         if self.rank > 0 and not self.args.tie_word_embeddings:
             del inner["embed_tokens"]
-        _cut_placeholders(model, self, local=lambda name: name)
+        _cut_placeholders(model, self)
 
     def local_quantization(self, quant: dict[str, Any]) -> dict[str, Any]:
         """Per-module settings keyed by layer: renumbered, other stages' dropped."""
@@ -415,7 +410,7 @@ class _TensorPlan(_Plan):
 
     def cut(self, name: str, w: mx.array) -> mx.array:
         if name.startswith(("model.embed_tokens.", "lm_head.")):
-            return self._head_rows(name, w)
+            return self._head_rows(w)
         for pattern, how, ranges, total in self.rules:
             if not pattern.search(name):
                 continue
@@ -446,7 +441,7 @@ class _TensorPlan(_Plan):
             else:
                 m.norm.n_groups = 1
                 m.norm.sum_over_ranks = _group_sum(comm, g, self.groups[0])
-        _cut_placeholders(model, self, local=lambda name: name)
+        _cut_placeholders(model, self)
 
 
 def _group_sum(comm: Comm, n_groups: int, group: int):
@@ -462,7 +457,7 @@ def _group_sum(comm: Comm, n_groups: int, group: int):
     return total
 
 
-def _cut_placeholders(model: ShardedModel, plan: _Plan, local) -> None:
+def _cut_placeholders(model: ShardedModel, plan: _Plan) -> None:
     """Give the model's (lazy, never evaluated) parameters this rank's shapes, so that
     quantization and the weight check see the shapes the rank's tensors have."""
     params = tree_flatten(model.parameters())
