@@ -207,6 +207,7 @@ def _launched_by_mlx() -> bool:
 def _generate(args: argparse.Namespace) -> int:
     from .parallel import LaunchError
 
+    _Rank.comm, _Rank.options_checked = None, False
     if _launched_by_mlx():
         _Rank.number = int(os.environ["MLX_RANK"])
     if args.system is not None and args.raw:
