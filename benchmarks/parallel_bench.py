@@ -135,14 +135,20 @@ def print_estimate(estimate: dict) -> None:
     print(f"\nH-Small, 4-bit, 2 Macs (M4 Max class, bf16 activations), {estimate['active_gb']:.2f} "
           "GB read per token:")  # fmt: skip
     bases = ("calibrated", "bandwidth_bound")
-    print("| | " + " | ".join(f"one Mac: {estimate[f'single_mac_tok_s/{b}']} tok/s ({b})" for b in bases) + " |")
+    print(
+        "| | "
+        + " | ".join(f"one Mac: {estimate[f'single_mac_tok_s/{b}']} tok/s ({b})" for b in bases)
+        + " |"
+    )
     print("|---|---|---|")
     for mode in ("tensor", "pipeline"):
         t = estimate[f"{mode}/traffic"]
         for backend in LINKS:
             ranges = [estimate[f"{mode}/{backend}/{b}"] for b in bases]
             cells = " | ".join(f"{lo}-{hi} tok/s" for lo, hi in ranges)
-            print(f"| {mode} over {backend} ({t['collectives']} collectives, {t['bytes']} B/token) | {cells} |")
+            print(
+                f"| {mode} over {backend} ({t['collectives']} collectives, {t['bytes']} B/token) | {cells} |"
+            )
 
 
 # --------------------------------------------------------------------------
@@ -245,7 +251,9 @@ def main() -> None:
         results[mode] = launch_worker(args, mode)
 
     single = results["single"]
-    print("\n| run | prefill tok/s | decode ms/token (compiled) | decode ms/token (plain) | weights per rank |")
+    print(
+        "\n| run | prefill tok/s | decode ms/token (compiled) | decode ms/token (plain) | weights per rank |"
+    )
     print("|---|---|---|---|---|")
     print(f"| 1 process | {single['prefill_tok_s']:.1f} | {single['decode_ms_compiled']:.0f} | "
           f"{single['decode_ms_plain']:.0f} | {single['weight_bytes'] / 2**20:.0f} MiB |")  # fmt: skip
@@ -262,7 +270,11 @@ def main() -> None:
             sent = sum(t[3] for t in r["traffic"])
             ops = len(r["traffic"])
             assert (sent, ops) == (formula[rank]["bytes"], formula[rank]["collectives"]), (
-                mode, rank, sent, ops, formula[rank]
+                mode,
+                rank,
+                sent,
+                ops,
+                formula[rank],
             )
             print(f"  {mode} rank {rank}: {ops} collectives, {sent} bytes")
         results[mode + "_formula"] = formula

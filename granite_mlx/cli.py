@@ -201,7 +201,8 @@ class _Rank:
 
 
 def _launched_by_mlx() -> bool:
-    return "MLX_RANK" in os.environ and ("MLX_HOSTFILE" in os.environ or "MLX_IBV_DEVICES" in os.environ)
+    launcher = ("MLX_HOSTFILE", "MLX_IBV_DEVICES")  # what mlx.launch sets for ring and jaccl
+    return "MLX_RANK" in os.environ and any(name in os.environ for name in launcher)
 
 
 def _generate(args: argparse.Namespace) -> int:

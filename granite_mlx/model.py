@@ -64,7 +64,8 @@ class RMSNormGated(nn.Module):
         y = y.astype(mx.float32) * nn.silu(z.astype(mx.float32))
         if self.sum_over_ranks is not None:
             squares = self.sum_over_ranks(mx.sum(y * y, axis=-1, keepdims=True))
-            return y * mx.rsqrt(squares / self.group_dims + self.eps) * self.weight.astype(mx.float32)
+            scale = mx.rsqrt(squares / self.group_dims + self.eps)
+            return y * scale * self.weight.astype(mx.float32)
         if self.n_groups == 1:
             return mx.fast.rms_norm(y, self.weight.astype(mx.float32), self.eps)
         *lead, d = y.shape

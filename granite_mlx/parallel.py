@@ -32,13 +32,19 @@ Both: the embedding and the output head are split by vocabulary rows (tensor: th
 lookup picks this rank's rows and an `all_sum` fills in the others). Each rank computes
 its vocab/N logits and an `all_gather` assembles them, so every rank samples from the
 same logits bit for bit -- even Macs whose kernels round differently -- and holds 1/N
-of the head.
+of the head. (A vocabulary that does not divide evenly gives the last rank fewer rows;
+its logits are padded for the gather and the padding dropped.)
 
 Loading: `mx.load` maps safetensors lazily; every tensor is cut to this rank's part
 before anything is read, and evaluated one at a time, so a rank reads only its layers
 (pipeline) or holds only its slices (tensor): weight memory about 1/N. Quantized
 checkpoints (mlx-community's layout and our converter's) split the same way: rows are
 whole, and a cut across the packed input axis must fall on a quantization group.
+
+The engine: a server's `Engine` decides each step from requests arriving on rank 0.
+`LockstepEngine` (rank 0) sends each step's new requests and aborts to the other
+ranks, which replay them on their own engine (`follow`), so every rank makes the same
+model calls; the traffic is one small all_sum per step when nothing is new.
 
 Failures: ranks compare a fingerprint of config + weights before loading (a rank with
 another checkpoint stops everyone with a message); a model that cannot be split N ways
@@ -112,7 +118,9 @@ class SplitError(ParallelError):
 def is_peer_error(exc: BaseException) -> bool:
     """An MLX communication error: another rank died or the link failed."""
     text = str(exc)
-    return isinstance(exc, RuntimeError) and text.startswith(("[ring]", "[jaccl]", "[mpi]", "[nccl]"))
+    return isinstance(exc, RuntimeError) and text.startswith(
+        ("[ring]", "[jaccl]", "[mpi]", "[nccl]")
+    )
 
 
 def check_mode(mode: str) -> None:
@@ -304,7 +312,7 @@ class _PipelinePlan(_Plan):
             i = int(m.group(1))
             if not self.start <= i < self.stop:
                 return None
-            return f"model.layers.{i - self.start}.{name[m.end():]}"
+            return f"model.layers.{i - self.start}.{name[m.end() :]}"
         if name.startswith("model.embed_tokens."):
             # Rank 0 looks tokens up; with tied embeddings the others need head rows.
             return name if self.rank == 0 or self.args.tie_word_embeddings else None
@@ -331,7 +339,7 @@ class _PipelinePlan(_Plan):
             if m is None:
                 out[key] = value
             elif self.start <= int(m.group(1)) < self.stop:
-                out[f"model.layers.{int(m.group(1)) - self.start}.{key[m.end():]}"] = value
+                out[f"model.layers.{int(m.group(1)) - self.start}.{key[m.end() :]}"] = value
         return out
 
 
@@ -346,7 +354,9 @@ class _TensorPlan(_Plan):
             self._mamba(n, r)
         inter = args.shared_intermediate_size
         a, b = _even(inter, n, r, "shared_intermediate_size")
-        self._rule(r"\.shared_mlp\.input_linear", "rows", [(a, b), (inter + a, inter + b)], 2 * inter)
+        self._rule(
+            r"\.shared_mlp\.input_linear", "rows", [(a, b), (inter + a, inter + b)], 2 * inter
+        )
         self._rule(r"\.shared_mlp\.output_linear", "cols", [(a, b)], inter)
         if args.use_moe:
             inter = args.intermediate_size
@@ -356,7 +366,9 @@ class _TensorPlan(_Plan):
             self._rule(moe + "output_linear", "cols", [(a, b)], inter)
 
     def _rule(self, module: str, how: str, ranges: list[tuple[int, int]], total: int) -> None:
-        self.rules.append((re.compile(module + r"\.(weight|scales|biases|bias)$"), how, ranges, total))
+        self.rules.append(
+            (re.compile(module + r"\.(weight|scales|biases|bias)$"), how, ranges, total)
+        )
 
     def _attention(self, n: int, r: int) -> None:
         args = self.args
@@ -368,7 +380,9 @@ class _TensorPlan(_Plan):
             group = self.q[0] // (nh // nkv)
             self.kv = (group, group + 1)
         else:
-            raise _split_error(n, f"num_key_value_heads is {nkv}: neither a multiple nor a divisor of {n}")
+            raise _split_error(
+                n, f"num_key_value_heads is {nkv}: neither a multiple nor a divisor of {n}"
+            )
         q = [(self.q[0] * hd, self.q[1] * hd)]
         kv = [(self.kv[0] * hd, self.kv[1] * hd)]
         self._rule(r"\.self_attn\.q_proj", "rows", q, nh * hd)
@@ -377,7 +391,12 @@ class _TensorPlan(_Plan):
 
     def _mamba(self, n: int, r: int) -> None:
         args = self.args
-        heads, p, g, s = args.mamba_n_heads, args.mamba_d_head, args.mamba_n_groups, args.mamba_d_state
+        heads, p, g, s = (
+            args.mamba_n_heads,
+            args.mamba_d_head,
+            args.mamba_n_groups,
+            args.mamba_d_state,
+        )
         d_inner, conv_dim = args.mamba_d_inner, args.mamba_conv_dim
         h0, h1 = self.heads = _even(heads, n, r, "mamba_n_heads")
         if g % n == 0:
@@ -395,7 +414,13 @@ class _TensorPlan(_Plan):
         def shift(rng, by):
             return (rng[0] + by, rng[1] + by)
 
-        in_proj = [x, shift(x, d_inner), shift(B, d_inner), shift(C, d_inner), shift(dt, d_inner + conv_dim)]
+        in_proj = [
+            x,
+            shift(x, d_inner),
+            shift(B, d_inner),
+            shift(C, d_inner),
+            shift(dt, d_inner + conv_dim),
+        ]
         self._rule(r"\.mamba\.in_proj", "rows", in_proj, d_inner + conv_dim + heads)
         self._rule(r"\.mamba\.conv1d", "rows", [x, B, C], conv_dim)
         self.rules.append((re.compile(r"\.mamba\.(dt_bias|A_log|D)$"), "rows", [dt], heads))
@@ -469,7 +494,7 @@ def _global(plan: _Plan, local_name: str) -> str:
     if isinstance(plan, _PipelinePlan):
         m = _LAYER.match(local_name)
         if m is not None:
-            return f"model.layers.{int(m.group(1)) + plan.start}.{local_name[m.end():]}"
+            return f"model.layers.{int(m.group(1)) + plan.start}.{local_name[m.end() :]}"
     return local_name
 
 
@@ -515,7 +540,9 @@ def plan_stages(costs: list[int], fixed: list[int]) -> list[tuple[int, int]]:
 def _pipeline_stages(args: ModelArgs, header_bytes: dict[str, int], size: int, act_bytes: int):
     if size > args.num_hidden_layers:
         raise _split_error(
-            size, f"it has {args.num_hidden_layers} layers, fewer than the ranks", "Use fewer ranks."
+            size,
+            f"it has {args.num_hidden_layers} layers, fewer than the ranks",
+            "Use fewer ranks.",
         )
     costs = [0] * args.num_hidden_layers
     embed = head = 0
@@ -549,7 +576,9 @@ def rank_weight_bytes(
     model = Model(args)  # lazy: never evaluated
     model.set_dtype(dtype)
     if bits is not None:
-        nn.quantize(model, group_size, bits, class_predicate=lambda _, m: hasattr(m, "to_quantized"))
+        nn.quantize(
+            model, group_size, bits, class_predicate=lambda _, m: hasattr(m, "to_quantized")
+        )
     params = dict(tree_flatten(model.parameters()))
     if args.tie_word_embeddings:
         params = {k: v for k, v in params.items() if not k.startswith("lm_head.")}
@@ -564,7 +593,9 @@ def rank_weight_bytes(
             for plan in plans
         ]
     except _Unaligned:
-        raise _split_error(size, f"a {bits}-bit weight does not split on its groups of {group_size}") from None
+        raise _split_error(
+            size, f"a {bits}-bit weight does not split on its groups of {group_size}"
+        ) from None
 
 
 # --------------------------------------------------------------------------
@@ -772,7 +803,10 @@ def load_sharded(
     try:
         if mode == "pipeline":
             act = (dtype or _checkpoint_float(tensors)).size
-            sizes = {name: e["data_offsets"][1] - e["data_offsets"][0] for name, (_, e) in tensors.items()}
+            sizes = {
+                name: e["data_offsets"][1] - e["data_offsets"][0]
+                for name, (_, e) in tensors.items()
+            }
             stages = _pipeline_stages(args, sizes, comm.size, act)
             plan: _Plan = _PipelinePlan(args, comm.rank, comm.size, stages)
         else:
@@ -806,10 +840,14 @@ def _cut_checked(plan: _Plan, name: str, w: mx.array, config: dict) -> mx.array:
     try:
         return plan.cut(name, w)
     except _Unaligned:
-        quant = " (quantized: a cut must fall on a quantization group)" if "scales" in name or (
-            w.dtype == mx.uint32
-        ) else ""
-        raise _split_error(plan.size, f"{name} {tuple(w.shape)} does not split evenly{quant}") from None
+        quant = (
+            " (quantized: a cut must fall on a quantization group)"
+            if "scales" in name or (w.dtype == mx.uint32)
+            else ""
+        )
+        raise _split_error(
+            plan.size, f"{name} {tuple(w.shape)} does not split evenly{quant}"
+        ) from None
 
 
 def _checkpoint_float(tensors: dict[str, tuple[Path, dict]]) -> mx.Dtype:

@@ -85,7 +85,9 @@ def folders(tmp_path_factory) -> dict[str, Path]:
     from granite_mlx.convert.pipeline import convert
 
     base = tmp_path_factory.mktemp("parallel")
-    out = {case: with_tokenizer(Path(shutil.copytree(checkpoint(case), base / case))) for case in CASES}
+    out = {
+        case: with_tokenizer(Path(shutil.copytree(checkpoint(case), base / case))) for case in CASES
+    }
     ref = json.loads((REFERENCE / "generation.json").read_text())["real_vocab"]
     write_checkpoint(base / "real_vocab", dict(ref["config"]), ref["seed"])
     out["real_vocab"] = with_tokenizer(base / "real_vocab")
@@ -188,7 +190,10 @@ def test_ranks_that_disagree_on_the_model_stop_with_a_message(two_ranks):
         for other, what in [("groups2", "config.json or parallel mode"), ("reseeded", "weights")]:
             got = r[f"disagree/{other}"]
             assert got["error"] == "SplitError"
-            assert f"The ranks disagree on the model: rank 1's {what} differ from rank 0's" in got["message"]
+            assert (
+                f"The ranks disagree on the model: rank 1's {what} differ from rank 0's"
+                in got["message"]
+            )
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -270,7 +275,9 @@ def test_four_ranks(folders, tmp_path_factory):
     for name, share in [("groups2/tensor", 0.35), ("odd_vocab/pipeline", 0.5)]:
         got = result(ranks, name)
         assert all(r["forward"] <= TOLERANCE for r in got)
-        assert [r["shard"].split(":")[0] for r in got] == [f"{name.split('/')[1]} rank {i} of 4" for i in range(4)]
+        assert [r["shard"].split(":")[0] for r in got] == [
+            f"{name.split('/')[1]} rank {i} of 4" for i in range(4)
+        ]
         assert max(r["bytes"][0] for r in got) <= share * got[0]["bytes"][1], name
 
 
@@ -303,7 +310,7 @@ def test_cli_refuses_mlx_launch_misuse(capsys, monkeypatch, folders):
     argv = generate_argv(folders["hybrid_nope"], "--parallel", "tensor")[1:]
     argv[argv.index("ab")] = "-"
     assert cli.main(argv) == 1
-    assert "--prompt \"$(cat FILE)\"" in capsys.readouterr().err
+    assert '--prompt "$(cat FILE)"' in capsys.readouterr().err
 
 
 def test_cli_errors_every_rank_meets_are_reported_by_rank_0_alone(capsys, monkeypatch, folders):
@@ -343,7 +350,9 @@ def start_ranks(tmp_path: Path, argv: list[str]) -> list[subprocess.Popen]:
     ],
     ids=["killed", "frozen"],
 )
-def test_a_rank_that_dies_or_freezes_stops_the_others_with_a_message(folders, tmp_path, mode, stop, message):
+def test_a_rank_that_dies_or_freezes_stops_the_others_with_a_message(
+    folders, tmp_path, mode, stop, message
+):
     argv = generate_argv(folders["hybrid_nope"], "--max-tokens", "100000", "--parallel", mode,
                          "--peer-timeout", "3")  # fmt: skip
     procs = start_ranks(tmp_path, argv)
