@@ -183,7 +183,7 @@ def main() -> None:
         try:
             results[spec["name"]] = run(spec, rank, out, tokenizer)
             results[spec["name"]]["seconds"] = time.perf_counter() - start
-        except Exception as e:  # noqa: BLE001 - recorded; the next run goes on (all ranks failed alike)
+        except Exception as e:  # noqa: BLE001 - recorded; every rank failed alike, go on
             results[spec["name"]] = {
                 "error": type(e).__name__, "message": str(e), "trace": traceback.format_exc()
             }  # fmt: skip
