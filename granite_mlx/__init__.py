@@ -2,6 +2,7 @@
 
 from .batch import batch_generate
 from .config import ModelArgs
+from .constrain import ConstraintError, build_constraint
 from .engine import Engine, EngineThread, GenerationResponse, Request
 from .errors import (
     CheckpointError,
@@ -23,6 +24,7 @@ __all__ = [
     "CheckpointError",
     "Completion",
     "ConfigError",
+    "ConstraintError",
     "Engine",
     "EngineThread",
     "GenerationError",
@@ -36,6 +38,7 @@ __all__ = [
     "Request",
     "SamplingParams",
     "batch_generate",
+    "build_constraint",
     "complete",
     "fingerprint_weights",
     "generate",

@@ -14,6 +14,7 @@ import threading
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
+from .constrain import ConstraintError, build_constraint
 from .engine import Engine, GenerationResponse
 from .errors import GenerationError
 from .generate import DEFAULT_PREFILL_STEP_SIZE, Prompt, encode_input, make_request
@@ -32,6 +33,8 @@ def stream_batch_generate(
     prefill_step_size: int | None = DEFAULT_PREFILL_STEP_SIZE,
     cancel: threading.Event | None = None,
     max_batch: int | None = None,
+    response_format: Any = None,
+    tool_choice: Any = None,
     **options: Any,
 ) -> Iterator[list[GenerationResponse | None]]:
     """Generate for every prompt at once; yields one list per step, one entry per row.
@@ -40,7 +43,9 @@ def stream_batch_generate(
     row produced nothing at that step (not started yet, or finished: its last
     response carries the finish_reason). Options are those of `stream_generate`
     (``tools``/``documents`` apply to every chat prompt); ``max_batch`` caps the
-    rows decoding at once (default: all of them).
+    rows decoding at once (default: all of them). ``response_format`` and
+    ``tool_choice`` apply to every row, or, given as a list, one per prompt (rows
+    with different schemas, or none, in one batch).
     """
     if isinstance(prompts, str | bytes) or not isinstance(prompts, Sequence):
         raise GenerationError(
@@ -49,13 +54,31 @@ def stream_batch_generate(
         )
     if not prompts:
         raise GenerationError("batch_generate needs at least one prompt.")
-    requests = [make_request(encode_input(tokenizer, p, tools, documents), tools=tools, **options)
-                for p in prompts]  # fmt: skip
+    formats = _per_row(response_format, len(prompts), "response_format")
+    choices = _per_row(tool_choice, len(prompts), "tool_choice")
+    requests = [
+        make_request(
+            encode_input(tokenizer, p, tools, documents), tools=tools,
+            constraint=build_constraint(tokenizer, f, tools, c), **options,
+        )
+        for p, f, c in zip(prompts, formats, choices)
+    ]  # fmt: skip
     engine = Engine(
         model, tokenizer, max_batch=max_batch or len(requests), prefill_step_size=prefill_step_size
     )
     index = {engine.add(r): i for i, r in enumerate(requests)}
     return _steps(engine, index, cancel)
+
+
+def _per_row(value: Any, rows: int, name: str) -> list:
+    """One value for every row, or a list of one per row."""
+    if not isinstance(value, list | tuple):
+        return [value] * rows
+    if len(value) != rows:
+        raise ConstraintError(
+            f"{name} as a list gives one per prompt: got {len(value)} for {rows} prompts."
+        )
+    return list(value)
 
 
 def _steps(engine: Engine, index: dict[int, int], cancel) -> Iterator[list]:

@@ -46,6 +46,10 @@ schema), has the best worst step, reads JSON Schema, regular expressions and
 Lark grammars with special tokens and embedded JSON Schemas (which is how tool
 calls are written, `tool_grammar`), and needs no torch (xgrammar does).
 
+With ``"strict": true``, and for pydantic models (which ignore extra keys
+anyway), an object that does not say otherwise gets no properties beyond its
+own, as OpenAI's strict mode requires of a schema.
+
 JSON is written compactly in the style Granite's chat template uses
 (``{"a": 1, "b": [2, 3]}``: ``", "`` and ``": "``, no other whitespace), so a
 model cannot wander off into endless whitespace; a schema may override that
@@ -64,11 +68,12 @@ import threading
 import weakref
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol, runtime_checkable
+from typing import Any
 
 import numpy as np
 
-from .generate import GenerationError
+from .engine import Constraint
+from .errors import GenerationError
 
 __all__ = [
     "JSON_OPTIONS",
@@ -79,6 +84,7 @@ __all__ = [
     "Regex",
     "build_constraint",
     "grammar_tokenizer",
+    "is_constraint",
     "response_format_rule",
 ]
 
@@ -92,21 +98,6 @@ _MAX_ERROR = 600
 
 class ConstraintError(GenerationError):
     """A response format, schema, grammar or tool choice that cannot be used."""
-
-
-@runtime_checkable
-class Constraint(Protocol):
-    """Which tokens may come next; the engine's contract (granite_mlx.engine)."""
-
-    def mask(self) -> np.ndarray:
-        """Allowed next tokens: bool (n,) or packed uint32 words ((n + 31) // 32,),
-        bit j of word i for token 32 * i + j. Ids >= n are not allowed."""
-
-    def advance(self, token: int) -> None:
-        """The token sampled (one that mask() allowed)."""
-
-    def is_finished(self) -> bool:
-        """Nothing more may follow."""
 
 
 @dataclass(frozen=True)
@@ -227,7 +218,8 @@ def _schema_of(response_format: Any) -> tuple[dict | None, str]:
                 "model; pass a pydantic BaseModel subclass, a JSON Schema dict or an OpenAI "
                 "response_format dict."
             )
-        return schema_method(), f"the schema of {response_format.__name__}"
+        # pydantic ignores extra keys by default: generating them would only waste tokens.
+        return _closed(schema_method()), f"the schema of {response_format.__name__}"
     if not isinstance(response_format, Mapping):
         return None, ""
     kind = response_format.get("type")
@@ -241,7 +233,8 @@ def _schema_of(response_format: Any) -> tuple[dict | None, str]:
                 '"schema": {...}}; the "schema" object is missing.'
             )
         name = spec.get("name")
-        return dict(spec["schema"]), f"json_schema {name!r}" if name else "the json_schema"
+        schema = _closed(spec["schema"]) if spec.get("strict") else dict(spec["schema"])
+        return schema, f"json_schema {name!r}" if name else "the json_schema"
     if kind in _FORMAT_TYPES:
         return None, ""
     if isinstance(kind, str) and kind not in _JSON_TYPES:
@@ -253,6 +246,33 @@ def _schema_of(response_format: Any) -> tuple[dict | None, str]:
 
 
 _JSON_TYPES = ("object", "array", "string", "number", "integer", "boolean", "null")
+
+# Keywords whose value is a subschema, a list of them, or a name -> subschema map.
+_ONE = ("items", "additionalProperties", "not", "if", "then", "else", "contains")
+_LIST = ("anyOf", "oneOf", "allOf", "prefixItems")
+_MAP = ("properties", "patternProperties", "$defs", "definitions")
+
+
+def _closed(schema: Any) -> Any:
+    """A copy of ``schema`` where every object that does not say otherwise allows no
+    properties beyond its own (what OpenAI's ``strict`` mode asks of a schema)."""
+    if not isinstance(schema, Mapping):
+        return schema
+    out = dict(schema)
+    for key in _ONE:
+        if key in out:
+            out[key] = _closed(out[key])
+    for key in _LIST:
+        if isinstance(out.get(key), list):
+            out[key] = [_closed(s) for s in out[key]]
+    for key in _MAP:
+        if isinstance(out.get(key), Mapping):
+            out[key] = {name: _closed(s) for name, s in out[key].items()}
+    is_object = out.get("type") == "object" or "properties" in out
+    open_keys = ("additionalProperties", "patternProperties", "unevaluatedProperties")
+    if is_object and not any(k in out for k in open_keys):
+        out["additionalProperties"] = False
+    return out
 
 
 def _json_rule(schema: Mapping, what: str) -> str:
@@ -339,6 +359,11 @@ def _check_lark(text: str) -> str:
 # --------------------------------------------------------------------------
 
 
+def is_constraint(value: Any) -> bool:
+    """Whether ``value`` has the engine's `Constraint` methods."""
+    return all(callable(getattr(value, m, None)) for m in ("mask", "advance", "is_finished"))
+
+
 def build_constraint(
     tokenizer: Any,
     response_format: Any = None,
@@ -367,7 +392,7 @@ def build_constraint(
     """
     from .tool_grammar import tool_call_grammar
 
-    if response_format is not None and isinstance(response_format, Constraint):
+    if is_constraint(response_format):
         if tool_choice not in (None, "none"):
             raise ConstraintError(
                 "A ready Constraint cannot be combined with tool_choice; write the tool calls "

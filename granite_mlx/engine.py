@@ -196,6 +196,20 @@ class Request:
             )
         if not isinstance(self.sampling, SamplingParams):
             raise GenerationError("Request.sampling must be a SamplingParams.")
+        if self.constraint is not None:
+            c = self.constraint
+            if not all(callable(getattr(c, m, None)) for m in ("mask", "advance", "is_finished")):
+                raise GenerationError(
+                    "Request.constraint needs mask(), advance() and is_finished(); build one "
+                    "with granite_mlx.constrain.build_constraint."
+                )
+            # A mask over ids the model cannot produce could leave no token to sample.
+            n = getattr(c, "vocab_size", None)
+            if n is not None and n > vocab:
+                raise GenerationError(
+                    f"The constraint covers {n} token ids but the model has {vocab}: build it "
+                    "with this checkpoint's own tokenizer."
+                )
         self.sampling.check(vocab)
         if self.cache is not None and len(self.cache) != len(model.layers):
             raise GenerationError(

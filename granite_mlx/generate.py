@@ -23,8 +23,10 @@ import mlx.core as mx
 
 from .cache import Cache
 from .chat_format import encode_prompt
+from .constrain import build_constraint
 from .engine import (
     DEFAULT_MAX_TOKENS,
+    Constraint,
     Engine,
     GenerationResponse,
     Request,
@@ -155,8 +157,10 @@ def make_request(
     prompt_progress: Callable[[int, int], None] | None = None,
     allow_long_prompt: bool = False,
     logits_processors: Sequence[LogitsProcessor] | None = None,
+    constraint: Constraint | None = None,
 ) -> Request:
-    """The engine `Request` for `stream_generate`'s options (see there)."""
+    """The engine `Request` for `stream_generate`'s options (see there); ``constraint``
+    comes from `constrain.build_constraint` (response_format, tool_choice)."""
     if stop is None:
         stop = []
     elif isinstance(stop, str):
@@ -179,6 +183,7 @@ def make_request(
         logits_processors=list(logits_processors or ()), top_logprobs=top_logprobs, cache=cache,
         context=context, snapshot_at=list(snapshot_at), tools=tools,
         allow_long_prompt=allow_long_prompt, prompt_progress=prompt_progress,
+        constraint=constraint,
     )  # fmt: skip
 
 
@@ -225,6 +230,8 @@ def stream_generate(
     *,
     tools: Sequence[Mapping[str, Any]] | None = None,
     documents: Sequence[Mapping[str, Any]] | None = None,
+    response_format: Any = None,
+    tool_choice: Any = None,
     cache: Cache | None = None,
     prefill_step_size: int | None = DEFAULT_PREFILL_STEP_SIZE,
     cancel: threading.Event | None = None,
@@ -236,6 +243,13 @@ def stream_generate(
         prompt: text (encoded as is), token ids, or a list of chat messages
             (rendered with the checkpoint's chat template, with ``tools`` and
             ``documents``).
+        response_format: structured output (`granite_mlx.constrain`): OpenAI's
+            ``{"type": "json_object"}`` or ``{"type": "json_schema", "json_schema":
+            {"name", "schema"}}``, a pydantic model class, a JSON Schema dict,
+            ``Regex(...)`` or ``Grammar(...)``; None or ``{"type": "text"}``: free text.
+        tool_choice: with ``tools``: "required" or ``{"type": "function", "function":
+            {"name": ...}}`` forces a valid call, "auto" checks a call once it
+            starts, "none" forbids calls; None (default) constrains nothing.
         cache: a cache that already holds earlier tokens; ``prompt`` is then
             only what follows them (the cache is updated in place).
         max_tokens: the most tokens to sample (default 256; None: until EOS, a
@@ -261,7 +275,8 @@ def stream_generate(
     The final response's ``tool_calls`` lists every tool call of the answer.
     """
     ids = encode_input(tokenizer, prompt, tools, documents)
-    request = make_request(ids, cache=cache, tools=tools, **options)
+    constraint = build_constraint(tokenizer, response_format, tools, tool_choice)
+    request = make_request(ids, cache=cache, tools=tools, constraint=constraint, **options)
     return run_request(
         model, tokenizer, request, prefill_step_size=prefill_step_size, cancel=cancel
     )

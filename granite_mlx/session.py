@@ -31,6 +31,7 @@ from typing import Any
 
 from .cache import Cache, KVCache, MambaCache, cache_length, load_cache, save_cache
 from .chat_format import encode_prompt, message_boundaries
+from .constrain import build_constraint
 from .errors import CheckpointError, GraniteError
 from .generate import GenerationResponse, make_request, run_request
 from .model import Model
@@ -182,6 +183,10 @@ class ChatSession:
         engine_options = {
             k: options.pop(k) for k in ("prefill_step_size", "cancel") if k in options
         }
+        constraint = build_constraint(
+            self.tokenizer, options.pop("response_format", None), self.tools,
+            options.pop("tool_choice", None),
+        )  # fmt: skip
         ids = encode_prompt(
             self.tokenizer, self._history(messages), tools=self.tools, documents=self.documents
         )
@@ -192,7 +197,7 @@ class ChatSession:
             cache, context, prompt = self.model.make_cache(), [], ids
         request = make_request(
             prompt, cache=cache, context=context, tools=self.tools,
-            snapshot_at=message_boundaries(self.tokenizer, ids), **options,
+            snapshot_at=message_boundaries(self.tokenizer, ids), constraint=constraint, **options,
         )  # fmt: skip
         stream = run_request(
             self.model, self.tokenizer, request, prompt_cache=self.prompt_cache, **engine_options

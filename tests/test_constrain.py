@@ -64,8 +64,8 @@ def accepts(constraint: Constraint | None, text: str) -> bool:
     return walk(constraint, encode(text)) is None and complete(constraint)
 
 
-def fmt(schema) -> dict:
-    return {"type": "json_schema", "json_schema": {"name": "t", "schema": schema, "strict": True}}
+def fmt(schema, strict: bool = True) -> dict:
+    return {"type": "json_schema", "json_schema": {"name": "t", "schema": schema, "strict": strict}}
 
 
 # --------------------------------------------------------------------------
@@ -151,6 +151,30 @@ def test_pydantic_model():
     assert Segment.model_validate_json(text) == good
     bad = '{"start": {"x": 10, "y": 2}, "end": {"x": 3, "y": -4}}'
     assert not accepts(build_constraint(tokenizer(), Segment), bad)
+
+
+def test_strict_schemas_and_pydantic_models_allow_no_extra_properties():
+    schema = {
+        "type": "object",
+        "properties": {
+            "properties": {"type": "object", "properties": {"type": {"type": "integer"}}},
+            "items": {"type": "array", "items": {"type": "object"}},
+        },
+    }
+    text = '{"properties": {"type": 1}, "items": [{}]}'
+    for extra in ['{"properties": {"type": 1, "x": 2}}', '{"items": [{"x": 2}]}', '{"x": 1}']:
+        assert accepts(build_constraint(tokenizer(), fmt(schema, strict=False)), extra)
+        assert not accepts(build_constraint(tokenizer(), fmt(schema)), extra), extra
+    assert accepts(build_constraint(tokenizer(), fmt(schema)), text)  # names kept intact
+    assert accepts(build_constraint(tokenizer(), schema), '{"x": 1}')  # a plain schema: as is
+
+    from pydantic import BaseModel
+
+    class Item(BaseModel):
+        n: int
+
+    assert not accepts(build_constraint(tokenizer(), Item), '{"n": 1, "m": 2}')
+    assert accepts(build_constraint(tokenizer(), Item), '{"n": 1}')
 
 
 def test_text_or_nothing_means_no_constraint():

@@ -34,7 +34,8 @@ def test_python_examples_run(tmp_path, monkeypatch, capsys):
     for i, code in enumerate(blocks("python")):
         code = code.replace(f'"{HUB_ID}"', repr(folder))
         try:
-            exec(compile(code, f"README.md python block {i}", "exec"), namespace)
+            # dont_inherit: run as a script would, not under this file's `from __future__` flags
+            exec(compile(code, f"README.md python block {i}", "exec", dont_inherit=True), namespace)
         except Exception as exc:  # noqa: BLE001 - name the block that failed
             pytest.fail(f"README python block {i} failed: {type(exc).__name__}: {exc}\n{code}")
     assert capsys.readouterr().out
