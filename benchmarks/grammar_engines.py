@@ -16,6 +16,8 @@ tokenizer.json (100352 ids, special tokens included):
   maxItems) must be refused somewhere, or the engine silently ignores that
   part of the schema.
 
+The schemas are the structured-output tests' own (tests/structured_cases.py).
+
     python benchmarks/grammar_engines.py [--engines llguidance,xgrammar,outlines-core]
         [--repeats 5] [--walks 5] [--json benchmarks/results/grammar_engines_cpu.json]
 
@@ -38,156 +40,12 @@ import numpy as np
 
 TOKENIZER = Path(__file__).resolve().parents[1] / "tests" / "fixtures" / "tokenizer"
 
-# name -> (schema, a valid instance, an invalid one that differs in what the schema
-# constrains). Shapes people ask models for: flat records,
-# nesting, arrays, enums, bounded numbers, optional fields, $ref, patterns, and
-# a wide tool-argument object.
-SCHEMAS: dict[str, tuple[dict, object, object]] = {
-    "flat": (
-        {
-            "type": "object",
-            "properties": {"name": {"type": "string"}, "age": {"type": "integer"}},
-            "required": ["name", "age"],
-        },
-        {"name": "Ada Lovelace", "age": 36},
-        {"name": "Ada Lovelace", "age": 36.5},
-    ),
-    "nested": (
-        {
-            "type": "object",
-            "properties": {
-                "user": {
-                    "type": "object",
-                    "properties": {
-                        "id": {"type": "integer"},
-                        "address": {
-                            "type": "object",
-                            "properties": {"city": {"type": "string"}, "zip": {"type": "string"}},
-                            "required": ["city", "zip"],
-                        },
-                    },
-                    "required": ["id", "address"],
-                }
-            },
-            "required": ["user"],
-        },
-        {"user": {"id": 7, "address": {"city": "San Jose", "zip": "95120"}}},
-        {"user": {"id": 7, "address": {"city": "San Jose"}}},
-    ),
-    "array": (
-        {
-            "type": "object",
-            "properties": {
-                "tags": {"type": "array", "items": {"type": "string"}, "maxItems": 8},
-                "scores": {"type": "array", "items": {"type": "number"}},
-            },
-            "required": ["tags", "scores"],
-        },
-        {"tags": ["mamba", "attention", "moe"], "scores": [0.5, 1.25, -3.0]},
-        {"tags": list("abcdefghi"), "scores": []},
-    ),
-    "enum": (
-        {
-            "type": "object",
-            "properties": {
-                "sentiment": {"enum": ["positive", "negative", "neutral"]},
-                "confidence": {"type": "string", "enum": ["low", "medium", "high"]},
-            },
-            "required": ["sentiment", "confidence"],
-        },
-        {"sentiment": "neutral", "confidence": "high"},
-        {"sentiment": "happy", "confidence": "high"},
-    ),
-    "bounds": (
-        {
-            "type": "object",
-            "properties": {
-                "temperature": {"type": "number", "minimum": -50, "maximum": 60},
-                "rating": {"type": "integer", "minimum": 1, "maximum": 5},
-            },
-            "required": ["temperature", "rating"],
-        },
-        {"temperature": 21.5, "rating": 4},
-        {"temperature": 21.5, "rating": 7},
-    ),
-    "optional": (
-        {
-            "type": "object",
-            "properties": {
-                "title": {"type": "string"},
-                "subtitle": {"type": "string"},
-                "year": {"type": "integer"},
-                "draft": {"type": "boolean"},
-            },
-            "required": ["title"],
-        },
-        {"title": "Granite", "year": 2025, "draft": False},
-        {"title": "Granite", "year": "2025"},
-    ),
-    "ref": (
-        {
-            "$defs": {
-                "point": {
-                    "type": "object",
-                    "properties": {"x": {"type": "number"}, "y": {"type": "number"}},
-                    "required": ["x", "y"],
-                }
-            },
-            "type": "object",
-            "properties": {"start": {"$ref": "#/$defs/point"}, "end": {"$ref": "#/$defs/point"}},
-            "required": ["start", "end"],
-        },
-        {"start": {"x": 0, "y": 1.5}, "end": {"x": -2, "y": 3}},
-        {"start": {"x": 0}, "end": {"x": -2, "y": 3}},
-    ),
-    "pattern": (
-        {
-            "type": "object",
-            "properties": {
-                "date": {"type": "string", "pattern": "^[0-9]{4}-[0-9]{2}-[0-9]{2}$"},
-                "code": {"type": "string", "pattern": "^[A-Z]{3}[0-9]{2}$"},
-            },
-            "required": ["date", "code"],
-        },
-        {"date": "2025-10-02", "code": "IBM42"},
-        {"date": "2025-10-02", "code": "ibm42"},
-    ),
-    "wide": (
-        {
-            "type": "object",
-            "properties": {
-                "query": {"type": "string"},
-                "max_results": {"type": "integer", "minimum": 1, "maximum": 100},
-                "language": {"enum": ["en", "de", "fr", "ja"]},
-                "safe_search": {"type": "boolean"},
-                "sites": {"type": "array", "items": {"type": "string"}},
-                "date_range": {
-                    "type": "object",
-                    "properties": {"from": {"type": "string"}, "to": {"type": "string"}},
-                    "required": ["from", "to"],
-                },
-            },
-            "required": ["query", "max_results", "language", "safe_search", "sites", "date_range"],
-        },
-        {
-            "query": "granite 4.0 mamba2 hybrid",
-            "max_results": 10,
-            "language": "en",
-            "safe_search": True,
-            "sites": ["ibm.com", "huggingface.co"],
-            "date_range": {"from": "2025-01-01", "to": "2025-12-31"},
-        },
-        {
-            "query": "q",
-            "max_results": 500,
-            "language": "en",
-            "safe_search": True,
-            "sites": [],
-            "date_range": {"from": "a", "to": "b"},
-        },
-    ),
-}
-
+# The schemas of the structured-output tests (tests/structured_cases.py): flat records,
+# nesting, arrays, enums, bounded numbers, optional fields, $ref, patterns, a top-level
+# array; each with a valid instance and an invalid one that differs in what the schema
+# constrains.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from structured_cases import SCHEMAS
 
 # --------------------------------------------------------------------------
 # The three engines behind one interface: bridge(hf) -> engine; engine.compile(schema)

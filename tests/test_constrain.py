@@ -305,6 +305,12 @@ def test_tool_names_are_written_as_json():
     text = '<tool_call>\n{"name": "odd \\"name\\"\\\\x", "arguments": {}}\n</tool_call>'
     assert json.loads(text.split("\n")[1])["name"] == 'odd "name"\\x'
     assert accepts(c, text)
+    # Other characters as they are, like the chat template writes them (not \u escapes).
+    tools = [{"name": "météo_天气"}]
+    text = '<tool_call>\n{"name": "météo_天气", "arguments": {}}\n</tool_call>'
+    assert accepts(build_constraint(tokenizer(), tools=tools, tool_choice="required"), text)
+    escaped = text.replace("é", "\\u00e9")
+    assert not accepts(build_constraint(tokenizer(), tools=tools, tool_choice="required"), escaped)
 
 
 # --------------------------------------------------------------------------

@@ -16,9 +16,10 @@ import mlx.core as mx
 import numpy as np
 import pytest
 from structured_cases import SCHEMAS, TOOLS, tool_parameters
-from test_generate import real_vocab
+from test_generate import real_vocab, tiny
 
-from granite_mlx import ChatSession, batch_generate, stream_generate
+from granite_mlx import ChatSession, GenerationError, Request, batch_generate, stream_generate
+from granite_mlx.engine import Engine
 from granite_mlx.chat_format import encode_prompt
 from granite_mlx.constrain import ConstraintError, Regex, build_constraint
 
@@ -141,6 +142,17 @@ def test_bad_options_raise_at_the_call():
         stream_generate(model, tokenizer, PROMPT, tool_choice="required")
     with pytest.raises(ConstraintError, match="one per prompt"):
         batch_generate(model, tokenizer, [PROMPT] * 2, response_format=[None])
+
+
+def test_the_engine_refuses_a_constraint_it_cannot_use():
+    model, tokenizer = real_vocab()
+    with pytest.raises(GenerationError, match="mask"):
+        Engine(model, tokenizer).add(Request(prompt=[1, 2], constraint=object()))
+    # A tiny model with 512 ids cannot produce most of what the real tokenizer's mask allows.
+    small, _ = tiny("hybrid_nope")
+    constraint = build_constraint(tokenizer, {"type": "json_object"})
+    with pytest.raises(GenerationError, match="covers 100352 token ids but the model has 512"):
+        Engine(small, tokenizer).add(Request(prompt=[1, 2], constraint=constraint))
 
 
 # --------------------------------------------------------------------------
