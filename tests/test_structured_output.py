@@ -19,9 +19,9 @@ from structured_cases import SCHEMAS, TOOLS, tool_parameters
 from test_generate import real_vocab, tiny
 
 from granite_mlx import ChatSession, GenerationError, Request, batch_generate, stream_generate
-from granite_mlx.engine import Engine
 from granite_mlx.chat_format import encode_prompt
 from granite_mlx.constrain import ConstraintError, Regex, build_constraint
+from granite_mlx.engine import Engine
 
 EOS = 100257
 PROMPT = [{"role": "user", "content": "Answer with JSON only."}]
