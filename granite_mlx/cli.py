@@ -5,6 +5,7 @@
     granite-mlx convert ...                         checkpoint conversion (granite_mlx.convert)
     granite-mlx upload OUT --repo NAME              upload a converted folder to the Hub
     granite-mlx bench ...                           speed measurements (granite_mlx.bench)
+    granite-mlx models | pull REPO | rm REPO        the Hugging Face cache (granite_mlx.hub_cache)
 
 Errors the user can fix print one line to stderr and exit 1 (bad options
 included: they are checked before the model loads); Ctrl+C exits 130.
@@ -31,6 +32,9 @@ _DELEGATED = {
     "convert": ("granite_mlx.convert.cli", "main", "convert a checkpoint"),
     "upload": ("granite_mlx.convert.cli", "upload_main", "upload a converted folder to the Hub"),
     "bench": ("granite_mlx.bench", "main", "measure speed"),
+    "models": ("granite_mlx.hub_cache", "models_main", "list the Granite models in the HF cache"),
+    "pull": ("granite_mlx.hub_cache", "pull_main", "download a model into the HF cache"),
+    "rm": ("granite_mlx.hub_cache", "rm_main", "remove a model from the HF cache"),
 }
 
 

@@ -13,7 +13,7 @@ here and the scripted one in ``fake_engine.py``, so the tests exercise this code
 from __future__ import annotations
 
 import contextlib
-import io
+import os
 import queue
 import threading
 import time
@@ -33,6 +33,7 @@ from .protocol import (
     LoadFailed,
     LoadProgress,
     OpenChat,
+    PromptProgress,
     Regenerate,
     Request,
     SamplingSettings,
@@ -124,24 +125,9 @@ def resolve_model(
 
 def _progress_bar_class(report: Callable[[str, float, float | None], None]) -> type:
     """A tqdm class that reports byte progress to ``report`` instead of drawing it."""
-    from tqdm.auto import tqdm
+    from granite_mlx.hub_cache import reporting_progress_class
 
-    class ReportingBar(tqdm):  # type: ignore[misc]
-        def __init__(self, *args: Any, **kwargs: Any) -> None:
-            kwargs.pop("name", None)
-            # Draw into a dummy file: the terminal belongs to Textual.
-            kwargs.update(disable=False, file=io.StringIO())
-            super().__init__(*args, **kwargs)
-
-        def update(self, n: float | None = 1) -> bool | None:
-            shown = super().update(n)
-            # Report bytes written; skip the parallel "bytes over the network" bar.
-            desc = self.desc or ""
-            if self.unit == "B" and not desc.startswith("Downloading bytes"):
-                report(desc or "Downloading", self.n, self.total or None)
-            return shown
-
-    return ReportingBar
+    return reporting_progress_class(report)
 
 
 def _same_history(a: list[dict[str, Any]], b: list[dict[str, Any]]) -> bool:
@@ -177,7 +163,9 @@ def _tool_call_info(call: Any) -> ToolCallInfo:
     )
 
 
-def _stats_of(response: Any) -> GenerationStats | None:
+def _stats_of(
+    response: Any, ttft: float | None, cached: int | None, context: int | None
+) -> GenerationStats | None:
     try:
         return GenerationStats(
             prompt_tokens=int(response.prompt_tokens),
@@ -185,9 +173,20 @@ def _stats_of(response: Any) -> GenerationStats | None:
             generation_tokens=int(response.generation_tokens),
             generation_tps=float(response.generation_tps),
             peak_memory=float(response.peak_memory),
+            ttft=ttft,
+            cached_tokens=cached,
+            context_tokens=context,
         )
     except (AttributeError, TypeError, ValueError):
         return None
+
+
+# How often prompt progress is reported: enough for a moving counter, not a flood.
+PROMPT_PROGRESS_SECONDS = 0.1
+
+
+class DocumentsUnsupported(Exception):
+    """The library's ChatSession takes no documents (it predates them)."""
 
 
 class EngineThread(threading.Thread):
@@ -248,8 +247,7 @@ class EngineThread(threading.Thread):
         if isinstance(request, Load):
             self._load(request.model)
         elif isinstance(request, OpenChat):
-            self._chat = request
-            self._session = None  # built on the next answer
+            self._open_chat(request)
         elif isinstance(request, SetSystem):
             self._chat = OpenChat(self._chat.messages, request.text, self._chat.session_path)
             if self._session is not None:
@@ -261,15 +259,48 @@ class EngineThread(threading.Thread):
         elif isinstance(request, EditLast):
             self._answer(request.request_id, request.settings, "edit_last", request.text)
 
+    def _open_chat(self, request: OpenChat) -> None:
+        session = self._session
+        self._chat = request
+        if not request.same_chat or session is None:
+            self._session = None  # built on the next answer
+            return
+        # The same conversation, edited: the live session keeps its cache (and its
+        # snapshots), and the library re-prefills only from where the history changed.
+        session.messages = [dict(m) for m in request.messages]
+        if _system_of(session) != request.system:
+            session.set_system(request.system)
+        try:
+            self._apply_documents(session, request.documents)
+        except DocumentsUnsupported as exc:
+            self._session = None
+            self._emit(Error(None, str(exc)))
+
     def _load(self, model: str) -> None:
+        # Let go of the current model first: two models need not fit in memory at once.
+        self._model = self._tokenizer = self._session = None
         try:
             self._model, self._tokenizer, self._session_class = self.load_model(model)
         except Exception as exc:  # noqa: BLE001 - any failure becomes a message for the user
+            self._model = None
             self._not_ready = self.describe_load_error(model, exc)
             self._emit(LoadFailed(self._not_ready))
             return
-        self._session = None
-        self._emit(Loaded(model))
+        args = getattr(self._model, "args", None)
+        limit = getattr(args, "max_position_embeddings", None)
+        self._emit(Loaded(model, limit if isinstance(limit, int) else None))
+
+    @staticmethod
+    def _apply_documents(session: Any, documents: tuple[dict[str, str], ...]) -> None:
+        """Give the session the chat's documents (ChatSession's ``documents`` attribute)."""
+        if hasattr(session, "documents"):
+            session.documents = [dict(d) for d in documents] or None
+        elif documents:
+            raise DocumentsUnsupported(
+                "This version of granite_mlx cannot pass documents to the model "
+                "(ChatSession has no documents option); the answer would ignore them. "
+                "Detach them (command palette) or upgrade granite-mlx."
+            )
 
     def _ensure_session(self) -> Any:
         if self._model is None:
@@ -292,49 +323,72 @@ class EngineThread(threading.Thread):
             session = self._session_class.from_messages(
                 self._model, self._tokenizer, history, system=chat.system
             )
+        self._apply_documents(session, chat.documents)
         self._session = session
         return session
+
+    def context_tokens(self, session: Any, prompt_only: bool = False) -> int | None:
+        """Tokens of the conversation (``prompt_only``: without its last answer), when
+        the session cannot say; subclasses that can count them override this."""
+        return None
 
     def _answer(
         self, request_id: int, settings: SamplingSettings, kind: str, text: str = ""
     ) -> None:
         with self._flags_lock:
             cancel = self._cancel_flags.setdefault(request_id, threading.Event())
+        started = time.monotonic()
+        reported_at = 0.0
+
+        def prompt_progress(processed: int, total: int) -> None:
+            nonlocal reported_at
+            now = time.monotonic()
+            if processed >= total or now - reported_at >= PROMPT_PROGRESS_SECONDS:
+                reported_at = now
+                self._emit(PromptProgress(request_id, int(processed), int(total)))
+
         try:
             # Even when Esc came before this answer started, the session runs it: it ends
             # at once as "cancelled" and records the (empty) answer, as the app does.
             try:
                 session = self._ensure_session()
-            except EngineNotReady as exc:
+            except (EngineNotReady, DocumentsUnsupported) as exc:
                 self._emit(Error(request_id, str(exc)))
                 return
-            options = dict(settings.as_options(), cancel=cancel)
+            options = dict(settings.as_options(), cancel=cancel, prompt_progress=prompt_progress)
             if kind == "send":
                 responses = session.send(text, **options)
             elif kind == "regenerate":
                 responses = session.regenerate(**options)
             else:
                 responses = session.edit_last(text, **options)
-            self._stream(request_id, responses, cancel)
+            self._stream(request_id, responses, cancel, started)
         finally:
             with self._flags_lock:
                 self._cancel_flags.pop(request_id, None)
 
-    def _stream(self, request_id: int, responses: Iterator[Any], cancel: threading.Event) -> None:
+    def _stream(
+        self, request_id: int, responses: Iterator[Any], cancel: threading.Event, started: float
+    ) -> None:
         pending: list[str] = []
         last: Any = None
+        first_token_at: float | None = None
         flushed_at = time.monotonic()
 
         def flush(tool_calls: tuple[ToolCallInfo, ...] = ()) -> None:
             nonlocal flushed_at
             if pending or tool_calls:
-                self._emit(Token(request_id, "".join(pending), tool_calls))
+                tokens = int(getattr(last, "generation_tokens", 0) or 0)
+                tps = float(getattr(last, "generation_tps", 0.0) or 0.0)
+                self._emit(Token(request_id, "".join(pending), tool_calls, tokens, tps))
                 pending.clear()
             flushed_at = time.monotonic()
 
         try:
             for response in responses:
                 last = response
+                if first_token_at is None and getattr(response, "token", None) is not None:
+                    first_token_at = time.monotonic()
                 if response.text:
                     pending.append(response.text)
                 calls = tuple(_tool_call_info(c) for c in (response.tool_calls or ()))
@@ -351,27 +405,59 @@ class EngineThread(threading.Thread):
             finish = "cancelled" if cancel.is_set() else "stop"
         session = self._session
         tool_calls = None
+        stats = None
         if session is not None and session.messages:
             answer = session.messages[-1]
             if answer.get("role") == "assistant":
                 tool_calls = answer.get("tool_calls")
             self._chat = OpenChat(
-                tuple(session.messages), self._chat.system, self._chat.session_path
+                tuple(session.messages),
+                self._chat.system,
+                self._chat.session_path,
+                self._chat.documents,
             )
             self._save_session(session)
-        self._emit(Done(request_id, _stats_of(last) if last else None, finish, tool_calls))
+        if last is not None:
+            ttft = self._ttft(first_token_at - started if first_token_at is not None else None)
+            stats = _stats_of(last, ttft, *self._token_counts(session, last))
+        self._emit(Done(request_id, stats, finish, tool_calls))
+
+    def _ttft(self, measured: float | None) -> float | None:
+        """Time to first token as reported (the scripted engine fixes it for snapshots)."""
+        return measured
+
+    def _token_counts(self, session: Any, last: Any) -> tuple[int | None, int | None]:
+        """(prompt tokens reused from the cache, conversation tokens) for the footer and
+        the context meter: from the library when it reports them, else counted."""
+        cached = getattr(last, "cached_tokens", None)
+        context = getattr(session, "context_tokens", None) if session is not None else None
+        if session is not None and (cached is None or context is None):
+            with contextlib.suppress(Exception):  # only numbers for the footer
+                if cached is None and (prompt := self.context_tokens(session, True)) is not None:
+                    prefilled = getattr(session, "last_prefill_tokens", None)
+                    if prefilled is None:
+                        prefilled = getattr(last, "prompt_tokens", 0)
+                    cached = max(0, prompt - int(prefilled))
+                if context is None:
+                    context = self.context_tokens(session)
+        return (
+            int(cached) if cached is not None else None,
+            int(context) if context is not None else None,
+        )
 
     def _save_session(self, session: Any) -> None:
         if not self._chat.session_path:
             return
         # Only a speed-up: if saving fails, reopening prefills the history instead.
         with contextlib.suppress(Exception):
-            Path(self._chat.session_path).parent.mkdir(parents=True, exist_ok=True)
-            session.save(self._chat.session_path)
+            path = Path(self._chat.session_path)
+            path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+            session.save(path)
+            os.chmod(path, 0o600)  # it holds the conversation: the user's alone
 
 
 class RealEngine(EngineThread):
-    """The engine around granite_mlx.load and granite_mlx.session.ChatSession."""
+    """The engine around granite_mlx's load_model, tokenizer and ChatSession."""
 
     def load_model(self, model: str) -> tuple[Any, Any, Any]:
         def report(description: str, completed: float, total: float | None) -> None:
@@ -380,11 +466,34 @@ class RealEngine(EngineThread):
         path = resolve_model(model, progress=report)
         # Imported here: only the real engine needs the generation layer, and everything
         # it does with MLX from here on happens on this thread.
-        from granite_mlx import load
+        from granite_mlx import load_model
         from granite_mlx.session import ChatSession
+        from granite_mlx.tokenizer import load_tokenizer
 
-        loaded_model, tokenizer = load(path)
+        self._emit(LoadProgress("Reading the weights", 0, 2, "step"))
+        loaded_model = load_model(path)
+        self._emit(LoadProgress("Reading the tokenizer", 1, 2, "step"))
+        tokenizer = load_tokenizer(path)
+        self._emit(LoadProgress("Ready", 2, 2, "step"))
         return loaded_model, tokenizer, ChatSession
+
+    def context_tokens(self, session: Any, prompt_only: bool = False) -> int | None:
+        # Until ChatSession reports context_tokens (and GenerationResponse cached_tokens):
+        # count by rendering the conversation as the session does.
+        from granite_mlx.chat_format import encode_prompt
+
+        messages = list(session.messages)
+        if prompt_only and messages and messages[-1].get("role") == "assistant":
+            messages.pop()
+        system = [{"role": "system", "content": session.system}] if session.system else []
+        ids = encode_prompt(
+            self._tokenizer,
+            system + messages,
+            tools=getattr(session, "tools", None),
+            documents=getattr(session, "documents", None),
+            add_generation_prompt=prompt_only,
+        )
+        return len(ids)
 
     def describe_load_error(self, model: str, exc: BaseException) -> str:
         from granite_mlx.errors import GraniteError

@@ -1,9 +1,12 @@
 """A scripted stand-in for the model, for tests and for ``granite-chat --fake-engine``.
 
 ``FakeSession`` mimics ``granite_mlx.session.ChatSession`` (send, regenerate, edit_last,
-save/load, from_messages) and streams canned text with small delays; ``FakeEngine`` is
-the real ``EngineThread`` with that session plugged in, so cancelling, batching and
-error handling run the same code as with a real model.
+save/load, from_messages, documents, prompt_progress, the cached and context token
+counts) and streams canned text with small delays; ``FakeEngine`` is the real
+``EngineThread`` with that session plugged in, so cancelling, batching and error
+handling run the same code as with a real model.
+
+Token counts are characters / 4 (``fake_tokens``): enough to drive the counters.
 """
 
 from __future__ import annotations
@@ -20,6 +23,10 @@ from .engine import EngineThread
 from .protocol import Event
 
 FENCE = "```"
+
+
+def fake_tokens(text: str) -> int:
+    return len(text) // 4
 
 
 def default_reply(user_text: str) -> str:
@@ -59,6 +66,7 @@ class FakeResponse:
     generation_tokens: int = 0
     generation_tps: float = 0.0
     peak_memory: float = 0.0
+    cached_tokens: int = 0
 
 
 @dataclass
@@ -72,6 +80,9 @@ class FakeScript:
     fail_load: str | None = None  # load raises RuntimeError(fail_load)
     fail_after_chunks: int | None = None  # raise mid-answer after this many tokens
     tool_call_word: str = "weather"  # a message with this word gets a tool call
+    prefill_delay: float = 0.0  # seconds per prompt chunk of 64 fake tokens
+    context_limit: int | None = 32768  # the fake model's max_position_embeddings
+    ttft: float | None = 0.25  # reported time to first token; None: the engine's measurement
 
 
 class FakeSession:
@@ -86,6 +97,20 @@ class FakeSession:
         self.script = script or FakeScript()
         self.system = system  # kept apart from the turns, as ChatSession does
         self.messages: list[dict[str, Any]] = []
+        self.documents: list[dict[str, str]] | None = None
+        self._held = ""  # what the "cache" holds: the rendered conversation so far
+        self.last_prefill_tokens = 0
+
+    def _rendered(self, messages: list[dict[str, Any]]) -> str:
+        """The conversation as one string: a prefix of it is what a cache can reuse."""
+        parts = [f"system:{self.system}"] if self.system else []
+        parts += [f"doc:{d['title']}:{d['text']}" for d in self.documents or []]
+        parts += [f"{m['role']}:{m.get('content') or ''}" for m in messages]
+        return "\n".join(parts) + "\n"
+
+    @property
+    def context_tokens(self) -> int:
+        return fake_tokens(self._held)
 
     def set_system(self, text: str | None) -> None:
         self.system = text
@@ -111,12 +136,32 @@ class FakeSession:
         user_text: str,
         max_tokens: int = 1024,
         cancel: threading.Event | None = None,
-        **_: Any,
+        prompt_progress: Callable[[int, int], None] | None = None,
+        **options: Any,
     ) -> Iterator[FakeResponse]:
+        self.last_options = dict(options, max_tokens=max_tokens)  # what the app asked for
         script = self.script
         text = script.reply(user_text)
+        if self.documents:
+            titles = ", ".join(d["title"] for d in self.documents)
+            text = f"I read {len(self.documents)} document(s): {titles}.\n\n" + text
         chunks = [text[i : i + script.chunk_chars] for i in range(0, len(text), script.chunk_chars)]
-        prompt_tokens = sum(len(m["content"]) for m in self.messages) // 4
+        # Prefill: only what the held conversation does not already start with.
+        prompt = self._rendered(self.messages)
+        common = 0
+        while common < min(len(prompt), len(self._held)) and prompt[common] == self._held[common]:
+            common += 1
+        cached, total = fake_tokens(prompt[:common]), fake_tokens(prompt)
+        prompt_tokens = total - cached
+        self.last_prefill_tokens = prompt_tokens
+        for done in range(0, prompt_tokens, 64):
+            if script.prefill_delay:
+                time.sleep(script.prefill_delay)
+            if prompt_progress is not None:
+                prompt_progress(done, prompt_tokens)
+        if prompt_progress is not None:
+            prompt_progress(prompt_tokens, prompt_tokens)
+        self._held = prompt
         answer: list[str] = []
         finish = "stop"
         for n, chunk in enumerate(chunks):
@@ -131,7 +176,7 @@ class FakeSession:
             if script.delay:
                 time.sleep(script.delay)
             answer.append(chunk)
-            yield self._response(chunk, None, prompt_tokens, len(answer))
+            yield self._response(chunk, None, prompt_tokens, len(answer), cached=cached)
         calls = []
         if finish == "stop" and script.tool_call_word in user_text.lower():
             calls = [FakeToolCall("get_weather", {"city": "Paris"}, '{"name": "get_weather"}')]
@@ -139,7 +184,8 @@ class FakeSession:
         if calls:
             assistant["tool_calls"] = [{"name": c.name, "arguments": c.arguments} for c in calls]
         self.messages.append(assistant)
-        yield self._response("", finish, prompt_tokens, len(answer), calls)
+        self._held = self._rendered(self.messages)
+        yield self._response("", finish, prompt_tokens, len(answer), calls, cached)
 
     @staticmethod
     def _response(
@@ -148,9 +194,11 @@ class FakeSession:
         prompt_tokens: int,
         generated: int,
         calls: list[FakeToolCall] | None = None,
+        cached: int = 0,
     ) -> FakeResponse:
         return FakeResponse(
             text=text,
+            token=None if finish else generated,
             finish_reason=finish,
             tool_calls=calls or [],
             prompt_tokens=prompt_tokens,
@@ -158,16 +206,19 @@ class FakeSession:
             generation_tokens=generated,
             generation_tps=64.0,
             peak_memory=0.75,
+            cached_tokens=cached,
         )
 
     def save(self, path: str | Path) -> None:
-        Path(path).write_text(json.dumps({"system": self.system, "messages": self.messages}))
+        saved = {"system": self.system, "messages": self.messages, "held": self._held}
+        Path(path).write_text(json.dumps(saved))
 
     @classmethod
     def load(cls, path: str | Path, model: Any, tokenizer: Any) -> FakeSession:
         saved = json.loads(Path(path).read_text())
         session = cls(model, tokenizer, system=saved["system"])
         session.messages = saved["messages"]
+        session._held = saved.get("held", "")
         session.loaded_from = str(path)  # lets tests see that the saved file was used
         return session
 
@@ -200,7 +251,14 @@ class FakeEngine(EngineThread):
             def __init__(self, *args: Any, **kwargs: Any) -> None:
                 super().__init__(*args, script=script, **kwargs)
 
-        return object(), object(), ScriptedSession
+        class FakeModel:
+            class args:  # as granite_mlx's Model.args
+                max_position_embeddings = script.context_limit
+
+        return FakeModel(), object(), ScriptedSession
+
+    def _ttft(self, measured: float | None) -> float | None:
+        return measured if self.script.ttft is None else self.script.ttft
 
     @property
     def session(self) -> Any:

@@ -8,8 +8,9 @@ from typing import Any, ClassVar
 from textual import events
 from textual.app import ComposeResult
 from textual.binding import Binding, BindingType
-from textual.containers import Vertical
+from textual.containers import Horizontal, Vertical, VerticalScroll
 from textual.message import Message
+from textual.widget import Widget
 from textual.widgets import Collapsible, Label, ListItem, ListView, Markdown, Static, TextArea
 from textual.widgets._markdown import MarkdownBlock, MarkdownFence, MarkdownStream
 
@@ -19,17 +20,24 @@ ROLE_LABELS = {"user": "You", "assistant": "Granite", "system": "System"}
 
 
 def format_stats(stats: GenerationStats | None, status: str = "done") -> str:
-    """The answer footer, e.g. '42 tokens · 55.1 tok/s · prompt 310.0 tok/s · peak 0.61 GB'."""
+    """The answer footer, e.g. 'first token 0.21 s · prompt 310 tokens (280 cached) ·
+    42 tokens · 55.1 tok/s · peak 0.61 GB'. Fields an older answer lacks are left out."""
     parts: list[str] = []
     if status == "stopped":
         parts.append("stopped")
     elif status == "length":
         parts.append("max tokens reached")
     if stats is not None:
+        if stats.ttft is not None:
+            parts.append(f"first token {stats.ttft:.2f} s")
+        if stats.cached_tokens is not None:
+            total = stats.prompt_tokens + stats.cached_tokens
+            parts.append(f"prompt {total:,} tokens ({stats.cached_tokens:,} cached)")
+        else:
+            parts.append(f"prompt {stats.prompt_tokens:,} tokens")
         parts += [
-            f"{stats.generation_tokens} tokens",
+            f"{stats.generation_tokens:,} tokens",
             f"{stats.generation_tps:.1f} tok/s",
-            f"prompt {stats.prompt_tps:.1f} tok/s",
             f"peak {stats.peak_memory:.2f} GB",
         ]
     return " · ".join(parts)
@@ -53,13 +61,17 @@ def tool_calls_from_history(entries: list[Any] | None) -> list[ToolCallInfo]:
 
 
 class PromptInput(TextArea):
-    """The message box: Enter sends, Shift+Enter or Ctrl+J adds a newline."""
+    """The message box: Enter sends, Ctrl+J (or Shift+Enter) adds a newline, and Up in
+    an empty box asks to edit the last message (as in Slack)."""
 
     class Submitted(Message):
         def __init__(self, prompt: PromptInput, text: str) -> None:
             super().__init__()
             self.prompt = prompt
             self.text = text
+
+    class EditLastRequested(Message):
+        pass
 
     async def _on_key(self, event: events.Key) -> None:
         if event.key == "enter":
@@ -71,6 +83,11 @@ class PromptInput(TextArea):
             event.stop()
             event.prevent_default()
             self.insert("\n")
+            return
+        if event.key == "up" and not self.text:
+            event.stop()
+            event.prevent_default()
+            self.post_message(self.EditLastRequested())
             return
         await super()._on_key(event)
 
@@ -111,15 +128,28 @@ class ToolCallBlock(Collapsible):
 
 
 class MessageView(Vertical, can_focus=True):
-    """One message: who, the Markdown body, tool calls, and for answers a stats footer.
+    """One message: who, the body, tool calls, and for answers a stats footer.
 
-    While an answer streams, text goes through a MarkdownStream (which batches appends
-    when the widget falls behind); at the end one full update() renders it cleanly.
+    An answer's body is Markdown: while it streams, text goes through a MarkdownStream
+    (which batches appends when the widget falls behind); at the end one full update()
+    renders it cleanly. A user's message is shown as typed, line breaks included (a
+    Markdown renderer would join single newlines).
+
+    Messages are not Tab stops (the conversation is one, see ``Conversation``): a
+    message gets focus by a click or from the conversation, and then Up/Down move
+    between messages, Enter copies, Ctrl+K copies the code, Left/Right show the other
+    variants of the last answer. Letters go to the message box (the app sends them).
     """
 
     BINDINGS: ClassVar[list[BindingType]] = [
-        Binding("c", "copy_message", "Copy message"),
-        Binding("k", "copy_code", "Copy code"),
+        Binding("enter", "copy_message", "Copy"),
+        Binding("ctrl+k", "copy_code", "Copy code"),
+        Binding("up", "move(-1)", "Previous", show=False),
+        Binding("down", "move(1)", "Next", show=False),
+        Binding("left", "app.previous_variant", "Earlier variant", show=False),
+        Binding("right", "app.next_variant", "Later variant", show=False),
+        Binding("tab", "leave(1)", show=False),
+        Binding("shift+tab", "leave(-1)", show=False),
     ]
 
     def __init__(
@@ -132,6 +162,7 @@ class MessageView(Vertical, can_focus=True):
         error: str | None = None,
         tool_calls: list[ToolCallInfo] | None = None,
         message_id: int | None = None,
+        variant: tuple[int, int] | None = None,
     ) -> None:
         super().__init__(classes=f"message -{role}")
         self.role = role
@@ -141,11 +172,18 @@ class MessageView(Vertical, can_focus=True):
         self.error = error
         self.tool_calls = list(tool_calls or [])
         self.message_id = message_id
+        self.variant = variant  # (shown, count) when the answer has several variants
         self._stream: MarkdownStream | None = None
+        self._live = ""  # the footer while streaming: prompt progress, then tokens/s
 
     def compose(self) -> ComposeResult:
-        yield Label(ROLE_LABELS.get(self.role, self.role), classes="role")
-        yield ChatMarkdown(self.content, classes="body")
+        with Horizontal(classes="role-line"):
+            yield Label(ROLE_LABELS.get(self.role, self.role), classes="role")
+            yield Static(self._variant_text(), classes="variants")
+        if self.role == "assistant":
+            yield ChatMarkdown(self.content, classes="body")
+        else:
+            yield Static(self.content, classes="body user-text", markup=False)
         yield Vertical(*(ToolCallBlock(c) for c in self.tool_calls), classes="tool-calls")
         yield Static(self._footer_text(), classes="footer", markup=False)
 
@@ -153,8 +191,18 @@ class MessageView(Vertical, can_focus=True):
         self._apply_status_classes()
 
     @property
-    def body(self) -> ChatMarkdown:
-        return self.query_one(".body", ChatMarkdown)
+    def body(self) -> Widget:
+        return self.query_one(".body")
+
+    def _variant_text(self) -> str:
+        if not self.variant:
+            return ""
+        shown, count = self.variant
+        return f"[@click=app.previous_variant]‹[/] {shown}/{count} [@click=app.next_variant]›[/]"
+
+    def set_variant(self, variant: tuple[int, int] | None) -> None:
+        self.variant = variant
+        self.query_one(".variants", Static).update(self._variant_text())
 
     def _footer_text(self) -> str:
         if self.role != "assistant":
@@ -162,7 +210,7 @@ class MessageView(Vertical, can_focus=True):
         if self.status == "error":
             return f"error: {self.error or 'unknown'}"
         if self.status == "streaming":
-            return "…"
+            return self._live or "…"
         return format_stats(self.stats, self.status)
 
     def _apply_status_classes(self) -> None:
@@ -172,11 +220,35 @@ class MessageView(Vertical, can_focus=True):
         footer.update(self._footer_text())
         footer.display = bool(self._footer_text())
 
+    def _set_live(self, text: str) -> None:
+        if text != self._live:
+            self._live = text
+            for footer in self.query(".footer").results(Static):  # none while torn down
+                footer.update(text)
+
+    def show_prompt_progress(self, processed: int, total: int) -> None:
+        if self.status == "streaming":
+            self._set_live(f"reading prompt {processed:,}/{total:,}")
+
+    def show_live_rate(self, tokens: int, tps: float) -> None:
+        if self.status == "streaming" and tokens:
+            self._set_live(f"{tokens:,} tokens · {tps:.1f} tok/s")
+
+    async def set_text(self, text: str) -> None:
+        """Replace a finished message's text (an edited question)."""
+        self.content = text
+        body = self.body
+        if isinstance(body, Markdown):
+            await body.update(text)
+        else:
+            assert isinstance(body, Static)
+            body.update(text)
+
     async def append(self, text: str) -> None:
         if not text:
             return
         if self._stream is None:
-            self._stream = Markdown.get_stream(self.body)
+            self._stream = Markdown.get_stream(self.query_one(".body", ChatMarkdown))
         self.content += text
         await self._stream.write(text)
 
@@ -191,7 +263,7 @@ class MessageView(Vertical, can_focus=True):
         if self._stream is not None:
             await self._stream.stop()
             self._stream = None
-        await self.body.update(self.content)
+        await self.set_text(self.content)
         self.status, self.stats, self.error = status, stats, error
         self._apply_status_classes()
 
@@ -214,9 +286,64 @@ class MessageView(Vertical, can_focus=True):
         self.app.copy_to_clipboard("\n\n".join(blocks))
         self.app.notify("Code copied", timeout=2)
 
+    def action_move(self, step: int) -> None:
+        """Focus the previous or next message; past the last one, the message box."""
+        assert self.parent is not None
+        views = list(self.parent.query_children(MessageView))
+        index = views.index(self) + step
+        if index >= len(views):
+            self.app.action_focus_prompt()  # type: ignore[attr-defined]
+        elif index >= 0:
+            views[index].focus()
+
+    def action_leave(self, direction: int) -> None:
+        """Tab / Shift+Tab from a message: on to the widget after / before the conversation."""
+        if isinstance(self.parent, Conversation):
+            self.parent.focus_neighbour(direction)
+
+
+class Conversation(VerticalScroll):
+    """The messages: one Tab stop that hands its focus to a message.
+
+    Its children are left out of the Tab order (a long chat would otherwise take a Tab
+    per message to cross); focusing the conversation focuses the last message on
+    screen, from which Up/Down move on.
+    """
+
+    def allow_focus_children(self) -> bool:
+        return False
+
+    def _on_focus(self, event: events.Focus) -> None:
+        views = list(self.query_children(MessageView))
+        if not views:
+            return
+        visible = self.scrollable_content_region
+        on_screen = [v for v in views if v.region.overlaps(visible)]
+        (on_screen or views)[-1].focus(scroll_visible=not on_screen)
+
+    def focus_neighbour(self, direction: int) -> None:
+        chain = self.screen.focus_chain
+        if self in chain:
+            chain[(chain.index(self) + direction) % len(chain)].focus()
+
+
+class SystemPromptView(Static):
+    """The chat's system prompt, at the top of the conversation."""
+
+    def __init__(self, text: str) -> None:
+        super().__init__(self.label(text), classes="system-prompt", markup=False)
+
+    @staticmethod
+    def label(text: str) -> str:
+        return f"System prompt: {text}"
+
+    def set_text(self, text: str) -> None:
+        self.update(self.label(text))
+
 
 class ChatList(ListView):
-    """The sidebar: past chats, newest first. Each item's id is chat-<id>."""
+    """The sidebar: past chats, newest first. Each item's id is chat-<id>; the open
+    chat's item has the class -open."""
 
     class Opened(Message):
         def __init__(self, chat_id: int) -> None:
@@ -230,7 +357,14 @@ class ChatList(ListView):
 
     async def show(self, chats: list[tuple[int, str]], current: int | None) -> None:
         await self.clear()
-        items = [ListItem(Label(title, markup=False), id=f"chat-{cid}") for cid, title in chats]
+        items = [
+            ListItem(
+                Label(title, markup=False),
+                id=f"chat-{cid}",
+                classes="-open" if cid == current else "",
+            )
+            for cid, title in chats
+        ]
         await self.extend(items)
         for index, (cid, _) in enumerate(chats):
             if cid == current:

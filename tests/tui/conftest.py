@@ -44,10 +44,14 @@ def export_dir(tmp_path: Path) -> Path:
 
 @pytest.fixture
 def make_app(data_dir: Path, export_dir: Path) -> Callable[..., GraniteChatApp]:
-    """make_app(script=FakeScript(...)) -> an app on the fake engine and this test's folders."""
+    """make_app(script=FakeScript(...)) -> an app on the fake engine and this test's folders.
+
+    Without a script the fake answers at once (no delay between tokens): tests that
+    need an answer to stream for a while pass a script with a delay.
+    """
 
     def make(script: FakeScript | None = None, **kwargs) -> GraniteChatApp:
-        script = script or FakeScript()
+        script = script or FakeScript(delay=0)
         return GraniteChatApp(
             "fake/granite",
             engine_factory=lambda emit: FakeEngine(emit, script),

@@ -12,12 +12,12 @@ from granite_mlx.tui.fake_engine import FakeEngine, FakeScript, default_reply
 from granite_mlx.tui.protocol import LoadProgress
 from granite_mlx.tui.screens import ConfirmScreen, SettingsScreen, TextEditScreen
 from granite_mlx.tui.widgets import ChatList, ToolCallBlock
-from textual.command import CommandInput, CommandList, CommandPalette
 from textual.widgets import Input, ProgressBar, TextArea
 from textual.widgets._markdown import MarkdownFence
 from tui_pilot_helpers import (
     footer_text,
     key,
+    run_command,
     send,
     views,
     wait_answer,
@@ -31,24 +31,6 @@ SIZE = (100, 32)
 def rows(data_dir: Path, sql: str, *args) -> list[tuple]:
     with sqlite3.connect(data_dir / "chats.sqlite3") as conn:
         return conn.execute(sql, args).fetchall()
-
-
-async def run_command(pilot, title: str) -> None:
-    """Pick a command from the command palette by typing its title."""
-    await pilot.press("ctrl+p")
-    await wait_for(pilot, lambda: isinstance(pilot.app.screen, CommandPalette), what="palette")
-    pilot.app.screen.query_one(CommandInput).value = title  # as if typed, without the wait
-    command_list = pilot.app.screen.query_one(CommandList)
-
-    def found() -> bool:
-        index = command_list.highlighted
-        if command_list.option_count == 0 or index is None:
-            return False
-        return title.lower() in str(command_list.get_option_at_index(index).prompt).lower()
-
-    await wait_for(pilot, found, what=f"palette hit {title!r}")
-    await pilot.press("enter")
-    await pilot.pause()
 
 
 async def test_send_streams_markdown_answer_with_stats(make_app, data_dir):
@@ -66,7 +48,10 @@ async def test_send_streams_markdown_answer_with_stats(make_app, data_dir):
         assert answer.content == default_reply("hello there")
         assert answer.status == "done"
         assert answer.query(MarkdownFence), "the code block is rendered as a fence"
-        assert footer_text(answer) == ("20 tokens · 64.0 tok/s · prompt 512.0 tok/s · peak 0.75 GB")
+        assert footer_text(answer) == (
+            "first token 0.25 s · prompt 4 tokens (0 cached) · 20 tokens · 64.0 tok/s · "
+            "peak 0.75 GB"
+        )
         assert app.prompt.text == ""
     stored = rows(data_dir, "SELECT role, content, status FROM messages ORDER BY id")
     assert stored == [
@@ -124,7 +109,12 @@ async def test_regenerate_replaces_last_answer(make_app, data_dir):
         _user, answer = views(app)
         assert answer.status == "done" and answer.content == first.content
         assert [m["role"] for m in app.engine.session.messages] == ["user", "assistant"]
-    assert len(rows(data_dir, "SELECT id FROM messages")) == 2
+    # The first answer is kept, hidden, as an earlier variant.
+    assert rows(data_dir, "SELECT role, hidden FROM messages ORDER BY id") == [
+        ("user", 0),
+        ("assistant", 1),
+        ("assistant", 0),
+    ]
 
 
 async def test_edit_last_message_answers_again(make_app, data_dir):
@@ -132,10 +122,11 @@ async def test_edit_last_message_answers_again(make_app, data_dir):
     async with app.run_test(size=SIZE) as pilot:
         await wait_ready(pilot)
         await send(pilot, "hello")
-        await pilot.press("ctrl+up")
+        await pilot.press("up")  # in the empty message box: edit the last message
         await wait_for(pilot, lambda: isinstance(app.screen, TextEditScreen))
         editor = app.screen.query_one(TextArea)
         assert editor.text == "hello"
+        assert editor.cursor_location == editor.document.end  # typing goes on at the end
         editor.load_text("goodbye")
         await pilot.press("ctrl+s")
         await wait_for(pilot, lambda: not isinstance(app.screen, TextEditScreen))
@@ -270,7 +261,8 @@ async def test_settings_modal_from_palette_applies_settings(make_app, data_dir):
         await send(pilot, "hello")
         answer = views(app)[-1]
         assert answer.status == "length"
-        assert footer_text(answer).startswith("max tokens reached · 5 tokens")
+        assert footer_text(answer).startswith("max tokens reached · first token")
+        assert " · 5 tokens · " in footer_text(answer)
     (settings,) = rows(data_dir, "SELECT settings FROM chats")[0]
     assert '"max_tokens": 5' in settings and '"seed": 7' in settings
 
@@ -444,9 +436,9 @@ async def test_copy_message_and_code_block(make_app):
         await send(pilot, "hello")
         answer = views(app)[-1]
         answer.focus()
-        await pilot.press("c")
+        await pilot.press("enter")
         assert app.clipboard == answer.content
-        await pilot.press("k")
+        await pilot.press("ctrl+k")
         assert app.clipboard == 'def greet(name):\n    return f"Hello, {name}!"'
         app.copy_to_clipboard("")
         await pilot.click(answer.query_one(MarkdownFence))
@@ -524,9 +516,9 @@ async def test_download_progress_is_shown_while_loading(data_dir, export_dir):
         bar = app.query_one("#banner-progress", ProgressBar)
         await wait_for(pilot, lambda: bar.progress == 80e6, what="progress")
         assert bar.display and bar.total == 80e6
-        assert "Downloading fake/granite: 80 of 80 MB" in str(
-            app.query_one("#banner-text").render()
-        )
+        banner = str(app.query_one("#banner-text").render())
+        assert "Downloading fake/granite: 80.0 MB of 80.0 MB · " in banner
+        assert "B/s" in banner  # the download speed
         release.set()
         await wait_ready(pilot)
         assert not app.query_one("#banner").display

@@ -7,9 +7,10 @@ change with ``pytest tests/tui/test_tui_snapshots.py --snapshot-update``.
 
 from __future__ import annotations
 
-from granite_mlx.tui.screens import SettingsScreen
+from granite_mlx.tui.fake_engine import FakeScript
+from granite_mlx.tui.screens import KeysScreen, SettingsScreen
 from granite_mlx.tui.store import ChatStore
-from tui_pilot_helpers import send, stop_blinking, wait_for, wait_ready
+from tui_pilot_helpers import run_command, send, stop_blinking, wait_for, wait_ready
 
 SIZE = (100, 34)
 
@@ -62,5 +63,49 @@ def test_settings_screen(make_app, snap_compare):
         await wait_for(pilot, lambda: isinstance(pilot.app.screen, SettingsScreen))
         await pilot.pause()
         stop_blinking(pilot.app)
+
+    assert snap_compare(make_app(), terminal_size=SIZE, run_before=run_before)
+
+
+def test_system_prompt_documents_context_and_variants(make_app, data_dir, tmp_path, snap_compare):
+    notes = tmp_path / "notes.md"
+    notes.write_text("# Launch\nTuesday at noon.")
+    replies = iter(["It is on Tuesday.", "Tuesday, at noon."])
+
+    async def run_before(pilot) -> None:
+        app = pilot.app
+        await wait_ready(pilot)
+        await run_command(pilot, "System prompt")
+        app.screen.query_one("#editor").load_text("Answer in one line.")
+        await pilot.press("ctrl+s")
+        app.prompt.load_text(f"/attach {notes}")
+        await pilot.press("enter")
+        await send(pilot, "When is the launch?\nAnd where?")
+        await pilot.press("ctrl+r")
+        await wait_for(pilot, lambda: "noon" in app.conversation.children[-1].content)
+        await wait_for(pilot, lambda: app.turn is None)
+        app.clear_notifications()
+        await pilot.pause()
+        stop_blinking(app)
+
+    app = make_app(FakeScript(reply=lambda text: next(replies)))
+    assert snap_compare(app, terminal_size=SIZE, run_before=run_before)
+
+
+def test_narrow_window(make_app, snap_compare):
+    async def run_before(pilot) -> None:
+        await wait_ready(pilot)
+        await send(pilot, "Does the text wrap at words in a narrow window like this one?")
+        stop_blinking(pilot.app)
+
+    assert snap_compare(make_app(), terminal_size=(40, 30), run_before=run_before)
+
+
+def test_keys_help(make_app, snap_compare):
+    async def run_before(pilot) -> None:
+        await wait_ready(pilot)
+        pilot.app.action_keys()
+        await wait_for(pilot, lambda: isinstance(pilot.app.screen, KeysScreen))
+        await pilot.pause()
 
     assert snap_compare(make_app(), terminal_size=SIZE, run_before=run_before)

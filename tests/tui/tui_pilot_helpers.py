@@ -14,6 +14,7 @@ from collections.abc import Callable
 from granite_mlx.tui.app import GraniteChatApp
 from granite_mlx.tui.widgets import MessageView
 from textual import events
+from textual.command import CommandInput, CommandList, CommandPalette
 from textual.pilot import Pilot
 from textual.widgets import Input, TextArea
 
@@ -89,7 +90,8 @@ def views(app: GraniteChatApp) -> list[MessageView]:
 
 
 def footer_text(view: MessageView) -> str:
-    return str(view.query_one(".footer").render())
+    footers = view.query(".footer")  # none until the view is composed
+    return str(footers.first().render()) if footers else ""
 
 
 def stop_blinking(app: GraniteChatApp) -> None:
@@ -132,3 +134,21 @@ async def worst_key_delay(
             delays.append(delay)
         await asyncio.sleep(gap)
     return worst
+
+
+async def run_command(pilot, title: str) -> None:
+    """Pick a command from the command palette by typing its title."""
+    await pilot.press("ctrl+p")
+    await wait_for(pilot, lambda: isinstance(pilot.app.screen, CommandPalette), what="palette")
+    pilot.app.screen.query_one(CommandInput).value = title  # as if typed, without the wait
+    command_list = pilot.app.screen.query_one(CommandList)
+
+    def found() -> bool:
+        index = command_list.highlighted
+        if command_list.option_count == 0 or index is None:
+            return False
+        return title.lower() in str(command_list.get_option_at_index(index).prompt).lower()
+
+    await wait_for(pilot, found, what=f"palette hit {title!r}")
+    await pilot.press("enter")
+    await pilot.pause()
