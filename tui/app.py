@@ -279,30 +279,33 @@ class GraniteChatApp(App[None]):
                 with Vertical(id="banner"):
                     yield Static(id="banner-text", markup=False)
                     yield ProgressBar(id="banner-progress", show_eta=False)
-                yield Conversation(id="conversation")
+                self._conversation = Conversation(id="conversation")
+                yield self._conversation
                 with Vertical(id="status"):
                     yield Static(id="read-only", markup=False)
                     yield Static(id="documents", markup=False)
                     yield Static(id="context", markup=False)
-                yield PromptInput(
+                self._prompt_widget = PromptInput(
                     id="prompt",
                     placeholder="Message · Enter sends · Ctrl+J new line · ↑ edits the last one",
                 )
+                yield self._prompt_widget
         yield Footer()
         yield Static(id="keyline", markup=False)  # the key bar of a narrow window
 
+    # Kept by reference: a query by id walks the DOM, every Markdown block included.
     @property
     def conversation(self) -> Conversation:
-        return self.query_one("#conversation", Conversation)
+        return self._conversation
 
     @property
     def prompt(self) -> PromptInput:
-        return self.query_one("#prompt", PromptInput)
+        assert self._prompt_widget is not None
+        return self._prompt_widget
 
     async def on_mount(self) -> None:
         self.sub_title = f"{self.model_name} · loading"
         self.conversation.anchor()  # follow the answer until the user scrolls up
-        self._prompt_widget = self.prompt
         self.store.mark_interrupted()
         await self.refresh_chat_list()
         if self.store.notice:

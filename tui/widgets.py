@@ -177,22 +177,30 @@ class MessageView(Vertical, can_focus=True):
         self._live = ""  # the footer while streaming: prompt progress, then tokens/s
 
     def compose(self) -> ComposeResult:
+        # Parts kept by reference: a query walks every Markdown block of a long answer,
+        # too slow to do for each batch of tokens.
+        self._variants = Static(self._variant_text(), classes="variants")
+        if self.role == "assistant":
+            self._body: Widget = ChatMarkdown(self.content, classes="body")
+        else:
+            self._body = Static(self.content, classes="body user-text", markup=False)
+        self._tool_calls = Vertical(
+            *(ToolCallBlock(c) for c in self.tool_calls), classes="tool-calls"
+        )
+        self._footer = Static(self._footer_text(), classes="footer", markup=False)
         with Horizontal(classes="role-line"):
             yield Label(ROLE_LABELS.get(self.role, self.role), classes="role")
-            yield Static(self._variant_text(), classes="variants")
-        if self.role == "assistant":
-            yield ChatMarkdown(self.content, classes="body")
-        else:
-            yield Static(self.content, classes="body user-text", markup=False)
-        yield Vertical(*(ToolCallBlock(c) for c in self.tool_calls), classes="tool-calls")
-        yield Static(self._footer_text(), classes="footer", markup=False)
+            yield self._variants
+        yield self._body
+        yield self._tool_calls
+        yield self._footer
 
     def on_mount(self) -> None:
         self._apply_status_classes()
 
     @property
     def body(self) -> Widget:
-        return self.query_one(".body")
+        return self._body
 
     def _variant_text(self) -> str:
         if not self.variant:
@@ -202,7 +210,7 @@ class MessageView(Vertical, can_focus=True):
 
     def set_variant(self, variant: tuple[int, int] | None) -> None:
         self.variant = variant
-        self.query_one(".variants", Static).update(self._variant_text())
+        self._variants.update(self._variant_text())
 
     def _footer_text(self) -> str:
         if self.role != "assistant":
@@ -216,15 +224,16 @@ class MessageView(Vertical, can_focus=True):
     def _apply_status_classes(self) -> None:
         for status in ("streaming", "stopped", "error", "length"):
             self.set_class(self.status == status, f"-{status}")
-        footer = self.query_one(".footer", Static)
-        footer.update(self._footer_text())
-        footer.display = bool(self._footer_text())
+        self._footer.update(self._footer_text())
+        self._footer.display = bool(self._footer_text())
 
     def _set_live(self, text: str) -> None:
         if text != self._live:
             self._live = text
-            for footer in self.query(".footer").results(Static):  # none while torn down
-                footer.update(text)
+            # One line while streaming (see chat.tcss): no layout pass per update, which
+            # would cost the whole conversation's layout 30 times a second.
+            if self._footer.is_attached:  # not while the app is torn down
+                self._footer.update(text, layout=False)
 
     def show_prompt_progress(self, processed: int, total: int) -> None:
         if self.status == "streaming":
@@ -248,13 +257,14 @@ class MessageView(Vertical, can_focus=True):
         if not text:
             return
         if self._stream is None:
-            self._stream = Markdown.get_stream(self.query_one(".body", ChatMarkdown))
+            assert isinstance(self._body, ChatMarkdown)
+            self._stream = Markdown.get_stream(self._body)
         self.content += text
         await self._stream.write(text)
 
     async def add_tool_calls(self, calls: tuple[ToolCallInfo, ...] | list[ToolCallInfo]) -> None:
         self.tool_calls += list(calls)
-        await self.query_one(".tool-calls", Vertical).mount_all(ToolCallBlock(c) for c in calls)
+        await self._tool_calls.mount_all(ToolCallBlock(c) for c in calls)
 
     async def finish(
         self, status: str, stats: GenerationStats | None = None, error: str | None = None

@@ -12,8 +12,10 @@ from pathlib import Path
 
 import pytest
 
-# The helper module sits next to this file; make it importable whatever the import mode.
+# The helper modules sit next to this file and in tests/; make them importable whatever
+# the import mode.
 sys.path.insert(0, str(Path(__file__).parent))
+sys.path.insert(1, str(Path(__file__).parents[1]))
 
 from granite_mlx.tui.app import GraniteChatApp
 from granite_mlx.tui.fake_engine import FakeEngine, FakeScript

@@ -7,11 +7,11 @@ from __future__ import annotations
 import itertools
 import json
 import sqlite3
-import sys
 import threading
 from pathlib import Path
 
 import huggingface_hub.constants as hf_constants
+from fake_hf_cache import add_repo
 from granite_mlx.tui.app import GraniteChatApp, build_parser, main
 from granite_mlx.tui.fake_engine import FakeEngine, FakeScript, default_reply
 from granite_mlx.tui.protocol import LoadProgress, SamplingSettings
@@ -28,9 +28,6 @@ from tui_pilot_helpers import (
     wait_for,
     wait_ready,
 )
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/: fake_hf_cache
-from fake_hf_cache import add_repo
 
 SIZE = (100, 32)
 

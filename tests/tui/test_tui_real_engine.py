@@ -8,6 +8,7 @@ temporary copy.
 
 from __future__ import annotations
 
+import inspect
 import json
 import queue
 import shutil
@@ -25,7 +26,9 @@ from granite_mlx.tui.protocol import (
     Load,
     Loaded,
     LoadFailed,
+    LoadProgress,
     OpenChat,
+    PromptProgress,
     SamplingSettings,
     Send,
     Shutdown,
@@ -152,3 +155,50 @@ async def test_app_with_real_engine(model_dir: Path, data_dir: Path, export_dir:
         assert answer.status in ("done", "length")
         assert "tok/s" in footer_text(answer)
     assert not app.engine.is_alive()
+
+
+def test_real_engine_reports_progress_cache_reuse_and_context(engine, model_dir: Path):
+    engine, events = engine
+    engine.submit(Send(1, "Hello there, how are you today?", SHORT))
+    seen = events.until(Done)
+    progress = [e for e in seen if isinstance(e, PromptProgress)]
+    assert progress and progress[-1].processed == progress[-1].total > 0
+    first_token = next(i for i, e in enumerate(seen) if isinstance(e, Token))
+    assert seen.index(progress[-1]) < first_token  # the prompt is read, then answered
+    first = seen[-1].stats
+    assert first.ttft is not None and first.ttft > 0
+    assert first.cached_tokens == 0 and first.context_tokens > first.prompt_tokens
+    engine.submit(Send(2, "And again?", SHORT))
+    second = events.until(Done)[-1].stats
+    # The second turn reads only its new tokens; the rest came from the session's cache.
+    assert second.cached_tokens > 0
+    assert second.prompt_tokens + second.cached_tokens > first.context_tokens - 5
+    assert second.context_tokens > first.context_tokens
+
+
+def test_real_engine_documents_follow_what_chat_session_supports(engine):
+    from granite_mlx.session import ChatSession
+
+    engine, events = engine
+    engine.submit(OpenChat((), None, None, ({"title": "notes", "text": "The launch is Tuesday."},)))
+    engine.submit(Send(1, "When is the launch?", SHORT))
+    last = events.until(Done)[-1]
+    if "documents" in inspect.signature(ChatSession.__init__).parameters:
+        assert isinstance(last, Done)
+        assert engine._session.documents == [{"title": "notes", "text": "The launch is Tuesday."}]
+    else:  # this library cannot pass them: refused, not silently dropped
+        assert isinstance(last, Error) and "cannot pass documents" in last.message
+
+
+def test_real_engine_reports_the_context_limit(model_dir: Path):
+    events = Events()
+    engine = RealEngine(events)
+    engine.start()
+    engine.submit(Load(str(model_dir)))
+    seen = events.until(Loaded)
+    engine.submit(Shutdown())
+    engine.join(timeout=30)
+    config = json.loads((model_dir / "config.json").read_text())
+    assert seen[-1].context_limit == config["max_position_embeddings"]
+    steps = [e for e in seen if isinstance(e, LoadProgress) and e.unit == "step"]
+    assert [(e.completed, e.total) for e in steps] == [(0, 2), (1, 2), (2, 2)]

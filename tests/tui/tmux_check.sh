@@ -3,8 +3,10 @@
 #
 # Starts `granite-chat --fake-engine` (the scripted model) in a detached tmux pane,
 # types a message and checks the streamed answer on screen, stops a long answer with
-# Esc, quits with ctrl+q, then checks that the app exited cleanly, left no process
-# behind, and saved both chats' messages (the stopped one marked stopped).
+# Esc and another with Ctrl+C, sends a two-line message and checks both lines stay on
+# screen, chooses the first chat from the sidebar (Tab, Down, Enter) and types into it,
+# quits with ctrl+q, then checks that the app exited cleanly, left no process behind,
+# and saved every message where it belongs.
 #
 # Usage: tests/tui/tmux_check.sh        (PYTHON=... to pick the interpreter)
 # Exit status 0 on success; the screens it saw are kept in $WORK/*.txt on failure.
@@ -46,6 +48,20 @@ wait_for() {
     done
 }
 
+# wait_count TEXT N SECONDS: poll the pane until TEXT shows up on N lines.
+wait_count() {
+    local text=$1 count=$2 limit=$3 waited=0
+    while [ "$(screen | grep -cF -- "$text")" -lt "$count" ]; do
+        sleep 0.2
+        waited=$((waited + 1))
+        if [ $((waited / 5)) -ge "$limit" ]; then
+            screen > "$WORK/$STEP.txt" || true
+            echo "timed out after ${limit}s waiting for $count lines with: $text"
+            return 1
+        fi
+    done
+}
+
 # The app runs under `sh -c`; its exit status goes to a file so we can check it.
 # (Textual draws on stderr, so stderr must stay on the pane.) The paths are quoted in
 # the pane command, so the tmux server's own command line never matches the pgrep below.
@@ -65,7 +81,7 @@ STEP=send
 tmux send-keys -t "$SESSION" -l "hello from tmux"
 tmux send-keys -t "$SESSION" Enter
 wait_for "You said: hello from tmux" 20
-wait_for "tok/s" 20                   # the stats footer: the answer is complete
+wait_for "peak " 20                   # the final stats footer: the answer is complete
 screen > "$WORK/answer.txt"
 grep -qF "def greet(name):" "$WORK/answer.txt"   # the code block is on screen
 
@@ -77,6 +93,46 @@ wait_for "Line 3:" 20
 tmux send-keys -t "$SESSION" Escape
 wait_for "stopped ·" 20
 screen > "$WORK/stopped.txt"
+
+STEP=ctrl_c
+tmux send-keys -t "$SESSION" C-n
+tmux send-keys -t "$SESSION" -l "another long one"
+tmux send-keys -t "$SESSION" Enter
+wait_for "answering (Esc stops)" 20      # the title says so while it streams
+wait_for "Line 3:" 20
+tmux send-keys -t "$SESSION" C-c         # what ollama run / mlx_lm.chat users press
+wait_for "stopped ·" 20
+kill -0 "$APP_PID" || { echo "Ctrl+C during an answer quit the app"; exit 1; }
+
+STEP=multiline
+tmux send-keys -t "$SESSION" C-n
+tmux send-keys -t "$SESSION" -l "first line"
+tmux send-keys -t "$SESSION" C-j         # a new line in the message box
+tmux send-keys -t "$SESSION" -l "second line"
+tmux send-keys -t "$SESSION" Enter
+wait_for "You said: first line" 20
+wait_for "peak " 20
+screen > "$WORK/multiline.txt"
+# The user's message shows its two lines one under the other (not joined into one).
+"$PYTHON" - "$WORK/multiline.txt" <<'EOF'
+import re, sys
+# Each screen line without the borders and bars drawn left of the text.
+lines = [re.sub(r"^\W*", "", line).rstrip() for line in open(sys.argv[1], encoding="utf-8")]
+at = [i for i, line in enumerate(lines) if line == "first line"]
+assert at and lines[at[0] + 1] == "second line", "the two lines were not kept"
+assert not any("first line second line" in line for line in lines), "the lines were joined"
+EOF
+
+STEP=sidebar
+# Tab from the message box reaches the chat list (it wraps around); the list starts
+# on the open chat, newest first, so three Downs reach the first chat.
+tmux send-keys -t "$SESSION" Tab
+tmux send-keys -t "$SESSION" Down Down Down Enter
+wait_for "You said: hello from tmux" 10  # the first chat is shown
+tmux send-keys -t "$SESSION" -l "picked from the list"   # typed straight away
+tmux send-keys -t "$SESSION" Enter
+wait_for "You said: picked from the list" 20
+wait_count "peak " 2 20                   # both answers of chat 1 are complete
 
 STEP=quit
 tmux send-keys -t "$SESSION" C-q
@@ -101,12 +157,19 @@ STEP=database
 "$PYTHON" - "$DATA/chats.sqlite3" <<'EOF'
 import sqlite3, sys
 rows = sqlite3.connect(sys.argv[1]).execute(
-    "SELECT role, status, length(content) FROM messages ORDER BY id").fetchall()
-assert [r[:2] for r in rows] == [
-    ("user", "done"), ("assistant", "done"), ("user", "done"), ("assistant", "stopped")
+    "SELECT chat_id, role, status, content FROM messages ORDER BY id").fetchall()
+assert [r[1:3] for r in rows] == [
+    ("user", "done"), ("assistant", "done"),      # hello from tmux
+    ("user", "done"), ("assistant", "stopped"),   # stopped with Esc
+    ("user", "done"), ("assistant", "stopped"),   # stopped with Ctrl+C
+    ("user", "done"), ("assistant", "done"),      # two lines
+    ("user", "done"), ("assistant", "done"),      # typed after choosing chat 1
 ], rows
-assert rows[3][2] > 0, "the stopped answer kept its partial text"
+assert rows[3][3] and rows[5][3], "the stopped answers kept their partial text"
+assert rows[6][3] == "first line\nsecond line", rows[6]
+assert rows[8][3] == "picked from the list" and rows[8][0] == rows[0][0], "sent to chat 1"
 EOF
 
-echo "tmux check passed: streamed answer shown, Esc stopped one, ctrl+q quit cleanly,"
-echo "no process left behind, 4 messages saved (last one stopped)."
+echo "tmux check passed: streamed answer shown, Esc and Ctrl+C stopped answers, a"
+echo "two-line message kept its lines, a chat chosen in the sidebar took the typed text,"
+echo "ctrl+q quit cleanly, no process left behind, 10 messages saved where they belong."
