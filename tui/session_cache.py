@@ -62,7 +62,7 @@ class SessionCache:
         Returns the chats whose files were removed (least recently used first).
         """
         path = self.path(chat_id)
-        if not path.exists():
+        if not self.enabled or not path.exists():
             return []
         self.store.record_session_file(chat_id, model, path.stat().st_size)
         return self.enforce_cap()
