@@ -11,7 +11,6 @@ The chat app lists the same models in its model switcher (``cached_models``).
 
 from __future__ import annotations
 
-import argparse
 import io
 import json
 import sys
@@ -20,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .cli import ArgumentParser  # one-line errors, like every granite-mlx command
 from .errors import GraniteError
 
 GRANITE_MODEL_TYPES = ("granitemoehybrid",)  # every Granite 4.0 checkpoint (GRANITE.md)
@@ -187,7 +187,8 @@ def pull(repo_id: str, progress: type | None = None) -> Path:
 
 
 def models_main(argv: Sequence[str]) -> int:
-    parser = argparse.ArgumentParser(
+
+    parser = ArgumentParser(
         prog="granite-mlx models",
         description="List the Granite 4.0 models in the Hugging Face cache, with their sizes.",
     )
@@ -209,7 +210,8 @@ def models_main(argv: Sequence[str]) -> int:
 
 
 def pull_main(argv: Sequence[str]) -> int:
-    parser = argparse.ArgumentParser(
+
+    parser = ArgumentParser(
         prog="granite-mlx pull",
         description="Download a model from the Hugging Face Hub into the local cache.",
     )
@@ -221,7 +223,8 @@ def pull_main(argv: Sequence[str]) -> int:
 
 
 def rm_main(argv: Sequence[str]) -> int:
-    parser = argparse.ArgumentParser(
+
+    parser = ArgumentParser(
         prog="granite-mlx rm", description="Remove a model from the Hugging Face cache."
     )
     parser.add_argument("repo", metavar="REPO", help="a repo id, as `granite-mlx models` lists it")

@@ -33,6 +33,9 @@ from textual.message import Message
 from textual.screen import Screen
 from textual.widgets import Footer, Header, Input, ProgressBar, Static, TextArea
 
+from granite_mlx.cli import ArgumentParser, finite_float, whole_number
+from granite_mlx.errors import GraniteError
+
 from .engine import DEFAULT_MODEL, RealEngine
 from .export import export_chat
 from .protocol import (
@@ -1301,7 +1304,7 @@ def build_parser() -> argparse.ArgumentParser:
     # Named as the user typed it: `granite-chat` or `granite-mlx chat`.
     prog = "granite-mlx chat" if Path(sys.argv[0]).name == "granite-mlx" else "granite-chat"
     d = SamplingSettings()
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(  # errors are one line (a GraniteError), as in granite-mlx
         prog=prog,
         description="Chat with an IBM Granite 4.0 model in the terminal. Sampling options "
         "apply to new chats in this run; saved chats keep their own settings.",
@@ -1315,14 +1318,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--temperature",
         "--temp",
-        type=float,
+        type=finite_float,
         default=None,
         help=f"sampling temperature, 0 = greedy (default: your saved default, {d.temperature} "
         f"until you change it)",
     )
     parser.add_argument(
         "--max-tokens",
-        type=int,
+        type=whole_number,
         default=None,
         help=f"answer length limit (default: your saved default, {d.max_tokens} until you "
         f"change it)",
@@ -1345,7 +1348,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--session-cache-mb",
-        type=int,
+        type=whole_number,
         default=None,
         help=f"cap on the session cache files' total size; the least recently used go first "
         f"(default: {DEFAULT_MAX_MB} MB)",
@@ -1398,11 +1401,10 @@ def app_from_args(
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
     # Every mistake in the options is one line and exit 1, before anything loads.
     try:
-        app = app_from_args(args)
-    except StoreError as exc:
+        app = app_from_args(parser.parse_args(argv))
+    except GraniteError as exc:
         print(f"{parser.prog}: error: {exc}", file=sys.stderr)
         return 1
     tune_gc_for_streaming()

@@ -185,9 +185,6 @@ def _stats_of(
 PROMPT_PROGRESS_SECONDS = 0.1
 
 
-class DocumentsUnsupported(Exception):
-    """The library's ChatSession takes no documents (it predates them)."""
-
 
 class EngineThread(threading.Thread):
     """Runs requests one at a time on a single thread; subclasses say how to load."""
@@ -270,11 +267,7 @@ class EngineThread(threading.Thread):
         session.messages = [dict(m) for m in request.messages]
         if _system_of(session) != request.system:
             session.set_system(request.system)
-        try:
-            self._apply_documents(session, request.documents)
-        except DocumentsUnsupported as exc:
-            self._session = None
-            self._emit(Error(None, str(exc)))
+        self._apply_documents(session, request.documents)
 
     def _load(self, model: str) -> None:
         # Let go of the current model first: two models need not fit in memory at once.
@@ -292,15 +285,9 @@ class EngineThread(threading.Thread):
 
     @staticmethod
     def _apply_documents(session: Any, documents: tuple[dict[str, str], ...]) -> None:
-        """Give the session the chat's documents (ChatSession's ``documents`` attribute)."""
-        if hasattr(session, "documents"):
-            session.documents = [dict(d) for d in documents] or None
-        elif documents:
-            raise DocumentsUnsupported(
-                "This version of granite_mlx cannot pass documents to the model "
-                "(ChatSession has no documents option); the answer would ignore them. "
-                "Detach them (command palette) or upgrade granite-mlx."
-            )
+        """Give the session the chat's documents (ChatSession's ``documents`` attribute,
+        rendered into every turn's prompt by the chat format)."""
+        session.documents = [dict(d) for d in documents] or None
 
     def _ensure_session(self) -> Any:
         if self._model is None:
@@ -327,11 +314,6 @@ class EngineThread(threading.Thread):
         self._session = session
         return session
 
-    def context_tokens(self, session: Any, prompt_only: bool = False) -> int | None:
-        """Tokens of the conversation (``prompt_only``: without its last answer), when
-        the session cannot say; subclasses that can count them override this."""
-        return None
-
     def _answer(
         self, request_id: int, settings: SamplingSettings, kind: str, text: str = ""
     ) -> None:
@@ -352,7 +334,7 @@ class EngineThread(threading.Thread):
             # at once as "cancelled" and records the (empty) answer, as the app does.
             try:
                 session = self._ensure_session()
-            except (EngineNotReady, DocumentsUnsupported) as exc:
+            except EngineNotReady as exc:
                 self._emit(Error(request_id, str(exc)))
                 return
             options = dict(settings.as_options(), cancel=cancel, prompt_progress=prompt_progress)
@@ -384,6 +366,7 @@ class EngineThread(threading.Thread):
                 pending.clear()
             flushed_at = time.monotonic()
 
+        shown_calls = 0
         try:
             for response in responses:
                 last = response
@@ -392,6 +375,10 @@ class EngineThread(threading.Thread):
                 if response.text:
                     pending.append(response.text)
                 calls = tuple(_tool_call_info(c) for c in (response.tool_calls or ()))
+                if response.finish_reason:
+                    # The final response lists every call of the answer: show the new ones.
+                    calls = calls[shown_calls:]
+                shown_calls += len(calls)
                 if calls or time.monotonic() - flushed_at >= TOKEN_FLUSH_SECONDS:
                     flush(calls)
         except Exception as exc:  # noqa: BLE001 - shown in the answer; the app goes on
@@ -426,20 +413,12 @@ class EngineThread(threading.Thread):
         """Time to first token as reported (the scripted engine fixes it for snapshots)."""
         return measured
 
-    def _token_counts(self, session: Any, last: Any) -> tuple[int | None, int | None]:
-        """(prompt tokens reused from the cache, conversation tokens) for the footer and
-        the context meter: from the library when it reports them, else counted."""
+    @staticmethod
+    def _token_counts(session: Any, last: Any) -> tuple[int | None, int | None]:
+        """(prompt tokens reused from the cache, the conversation's tokens after the
+        answer), as GenerationResponse and ChatSession report them."""
         cached = getattr(last, "cached_tokens", None)
         context = getattr(session, "context_tokens", None) if session is not None else None
-        if session is not None and (cached is None or context is None):
-            with contextlib.suppress(Exception):  # only numbers for the footer
-                if cached is None and (prompt := self.context_tokens(session, True)) is not None:
-                    prefilled = getattr(session, "last_prefill_tokens", None)
-                    if prefilled is None:
-                        prefilled = getattr(last, "prompt_tokens", 0)
-                    cached = max(0, prompt - int(prefilled))
-                if context is None:
-                    context = self.context_tokens(session)
         return (
             int(cached) if cached is not None else None,
             int(context) if context is not None else None,
@@ -476,24 +455,6 @@ class RealEngine(EngineThread):
         tokenizer = load_tokenizer(path)
         self._emit(LoadProgress("Ready", 2, 2, "step"))
         return loaded_model, tokenizer, ChatSession
-
-    def context_tokens(self, session: Any, prompt_only: bool = False) -> int | None:
-        # Until ChatSession reports context_tokens (and GenerationResponse cached_tokens):
-        # count by rendering the conversation as the session does.
-        from granite_mlx.chat_format import encode_prompt
-
-        messages = list(session.messages)
-        if prompt_only and messages and messages[-1].get("role") == "assistant":
-            messages.pop()
-        system = [{"role": "system", "content": session.system}] if session.system else []
-        ids = encode_prompt(
-            self._tokenizer,
-            system + messages,
-            tools=getattr(session, "tools", None),
-            documents=getattr(session, "documents", None),
-            add_generation_prompt=prompt_only,
-        )
-        return len(ids)
 
     def describe_load_error(self, model: str, exc: BaseException) -> str:
         from granite_mlx.errors import GraniteError

@@ -180,6 +180,9 @@ class FakeSession:
         calls = []
         if finish == "stop" and script.tool_call_word in user_text.lower():
             calls = [FakeToolCall("get_weather", {"city": "Paris"}, '{"name": "get_weather"}')]
+            # As GenerationResponse does: the call on the step that completes it, and
+            # again in the final response's complete list.
+            yield self._response("", None, prompt_tokens, len(answer), calls, cached)
         assistant: dict[str, Any] = {"role": "assistant", "content": "".join(answer)}
         if calls:
             assistant["tool_calls"] = [{"name": c.name, "arguments": c.arguments} for c in calls]

@@ -282,30 +282,6 @@ async def test_attach_a_document_with_the_line_command(make_app, data_dir, tmp_p
     assert rows(data_dir, "SELECT COUNT(*) FROM documents") == [(0,)]
 
 
-async def test_document_refused_when_the_library_cannot_take_documents(make_app, tmp_path):
-    class OldSession(FakeEngine):
-        def load_model(self, model):
-            loaded, tokenizer, session_class = super().load_model(model)
-
-            class NoDocuments(session_class):
-                def __init__(self, *args, **kwargs):
-                    super().__init__(*args, **kwargs)
-                    del self.documents  # as ChatSession before documents were added
-
-            return loaded, tokenizer, NoDocuments
-
-    (tmp_path / "a.md").write_text("# A")
-    app = make_app()
-    app.engine_factory = lambda emit: OldSession(emit, FakeScript())
-    async with app.run_test(size=SIZE) as pilot:
-        await wait_ready(pilot)
-        app.prompt.load_text(f"/attach {tmp_path / 'a.md'}")
-        await key(pilot, "enter")
-        await send(pilot, "read it")
-        answer = views(app)[-1]
-        assert answer.status == "error" and "cannot pass documents" in answer.error
-
-
 # --- models ------------------------------------------------------------------------------
 
 

@@ -186,7 +186,9 @@ def test_data_dir_that_cannot_be_created(chat_command, tmp_path, capsys):
 @pytest.mark.parametrize(
     ("argv", "expected"),
     [
-        (["--temperature", "nan"], "--temperature: Temperature must be a number from 0 to 5"),
+        (["--temperature", "nan"], "--temperature/--temp: must be a finite number, not 'nan'"),
+        (["--max-tokens", "many"], "--max-tokens: 'many' is not a whole number"),
+        (["--no-such-option"], "unrecognized arguments: --no-such-option"),
         (["--temperature", "-1"], "--temperature: Temperature must be a number from 0 to 5"),
         (["--max-tokens", "0"], "--max-tokens: Max tokens must be a whole number, 1 or more."),
         (["--session-cache-mb", "0"], "--session-cache-mb must be 1 or more"),

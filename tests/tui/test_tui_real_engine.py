@@ -8,7 +8,6 @@ temporary copy.
 
 from __future__ import annotations
 
-import inspect
 import json
 import queue
 import shutil
@@ -176,18 +175,18 @@ def test_real_engine_reports_progress_cache_reuse_and_context(engine, model_dir:
     assert second.context_tokens > first.context_tokens
 
 
-def test_real_engine_documents_follow_what_chat_session_supports(engine):
-    from granite_mlx.session import ChatSession
-
+def test_real_engine_passes_documents_to_the_session(engine):
     engine, events = engine
-    engine.submit(OpenChat((), None, None, ({"title": "notes", "text": "The launch is Tuesday."},)))
     engine.submit(Send(1, "When is the launch?", SHORT))
-    last = events.until(Done)[-1]
-    if "documents" in inspect.signature(ChatSession.__init__).parameters:
-        assert isinstance(last, Done)
-        assert engine._session.documents == [{"title": "notes", "text": "The launch is Tuesday."}]
-    else:  # this library cannot pass them: refused, not silently dropped
-        assert isinstance(last, Error) and "cannot pass documents" in last.message
+    without = events.until(Done)[-1].stats.context_tokens
+    document = {"title": "notes", "text": "The launch is on Tuesday at noon, in hall B."}
+    engine.submit(OpenChat((), None, None, (document,)))
+    engine.submit(Send(2, "When is the launch?", SHORT))
+    done = events.until(Done)[-1]
+    assert isinstance(done, Done), getattr(done, "message", done)
+    assert engine._session.documents == [document]
+    # The document is in the prompt: the conversation holds its tokens too.
+    assert done.stats.context_tokens > without + 10
 
 
 def test_real_engine_reports_the_context_limit(model_dir: Path):
