@@ -17,7 +17,6 @@ import os
 import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -25,34 +24,20 @@ sys.path.insert(0, str(REPO / "tests" / "tui"))
 
 from granite_mlx.tui.app import GraniteChatApp, tune_gc_for_streaming  # noqa: E402
 from granite_mlx.tui.fake_engine import FakeEngine, FakeScript  # noqa: E402
-from granite_mlx.tui.protocol import SamplingSettings  # noqa: E402
-from tui_pilot_helpers import key, send, views, wait_answer, wait_for, wait_ready  # noqa: E402
-from tui_pilot_helpers import worst_key_delay  # noqa: E402
+from tui_pilot_helpers import key_delays_while_streaming  # noqa: E402
 
 
 async def one_run(presses: int) -> tuple[list[float], float]:
-    script = FakeScript(delay=0.0005, chunk_chars=4)
     with tempfile.TemporaryDirectory() as folder:
         app = GraniteChatApp(
             "fake/granite",
-            engine_factory=lambda emit: FakeEngine(emit, script),
+            engine_factory=lambda emit: FakeEngine(emit, FakeScript(delay=0.0005, chunk_chars=4)),
             data_dir=Path(folder) / "data",
             export_dir=Path(folder),
         )
-        delays: list[float] = []
         async with app.run_test(size=(100, 32)) as pilot:
-            await wait_ready(pilot)
-            app.settings = SamplingSettings(max_tokens=1_000_000)
-            await send(pilot, "long answer please", wait=False)
-            answer = views(app)[-1]
-            await wait_for(pilot, lambda: len(answer.content) > 3000, 60, what="a long answer")
-            before, started = len(answer.content), time.perf_counter()
-            await worst_key_delay(pilot, presses=presses, delays=delays)
-            rate = (len(answer.content) - before) / (time.perf_counter() - started) / 4
-            assert app.turn is not None, "the answer ended during the measurement"
-            await key(pilot, "escape")
-            await wait_answer(pilot)
-    return delays, rate
+            measured = await key_delays_while_streaming(pilot, presses)
+    return measured.delays, measured.tokens_per_second
 
 
 def main() -> None:

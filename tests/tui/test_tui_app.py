@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import sqlite3
 import threading
 from pathlib import Path
 
@@ -17,8 +16,10 @@ from textual.widgets._markdown import MarkdownFence
 from tui_pilot_helpers import (
     footer_text,
     key,
+    rows,
     run_command,
     send,
+    stream_some,
     views,
     wait_answer,
     wait_for,
@@ -26,11 +27,6 @@ from tui_pilot_helpers import (
 )
 
 SIZE = (100, 32)
-
-
-def rows(data_dir: Path, sql: str, *args) -> list[tuple]:
-    with sqlite3.connect(data_dir / "chats.sqlite3") as conn:
-        return conn.execute(sql, args).fetchall()
 
 
 async def test_send_streams_markdown_answer_with_stats(make_app, data_dir):
@@ -78,9 +74,7 @@ async def test_escape_stops_and_keeps_partial_answer_marked_stopped(make_app, da
     app = make_app(FakeScript(delay=0.01))
     async with app.run_test(size=SIZE) as pilot:
         await wait_ready(pilot)
-        await send(pilot, "a long one please", wait=False)
-        answer = views(app)[-1]
-        await wait_for(pilot, lambda: len(answer.content) > 40, what="some streamed text")
+        answer = await stream_some(pilot, 40)
         await key(pilot, "escape")
         await wait_answer(pilot)
         full = default_reply("a long one please")
@@ -397,9 +391,7 @@ async def test_quit_during_generation_keeps_question_and_partial_answer(make_app
     app = make_app(FakeScript(delay=0.01))
     async with app.run_test(size=SIZE) as pilot:
         await wait_ready(pilot)
-        await send(pilot, "long story please", wait=False)
-        answer = views(app)[-1]
-        await wait_for(pilot, lambda: len(answer.content) > 30, what="some streamed text")
+        await stream_some(pilot, 30, "long story please")
         await key(pilot, "ctrl+q")
     engine = app.engine
     assert not engine.is_alive()

@@ -6,9 +6,7 @@ from __future__ import annotations
 
 import itertools
 import json
-import sqlite3
 import threading
-from pathlib import Path
 
 import huggingface_hub.constants as hf_constants
 from fake_hf_cache import add_repo
@@ -21,6 +19,7 @@ from textual.widgets import Footer, Input, ProgressBar, Static
 from tui_pilot_helpers import (
     footer_text,
     key,
+    rows,
     run_command,
     send,
     views,
@@ -30,11 +29,6 @@ from tui_pilot_helpers import (
 )
 
 SIZE = (100, 32)
-
-
-def rows(data_dir: Path, sql: str, *args) -> list[tuple]:
-    with sqlite3.connect(data_dir / "chats.sqlite3") as conn:
-        return conn.execute(sql, args).fetchall()
 
 
 def numbered_replies():

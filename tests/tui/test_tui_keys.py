@@ -2,21 +2,13 @@
 
 from __future__ import annotations
 
-import sqlite3
-from pathlib import Path
-
 from granite_mlx.tui.fake_engine import FakeScript, default_reply
 from granite_mlx.tui.screens import KEYS_HELP, KeysScreen, TextEditScreen
 from granite_mlx.tui.widgets import ChatList, Conversation, MessageView
 from textual.widgets import Static, TextArea
-from tui_pilot_helpers import key, send, views, wait_answer, wait_for, wait_ready
+from tui_pilot_helpers import key, rows, send, stream_some, views, wait_answer, wait_for, wait_ready
 
 SIZE = (100, 32)
-
-
-def rows(data_dir: Path, sql: str, *args) -> list[tuple]:
-    with sqlite3.connect(data_dir / "chats.sqlite3") as conn:
-        return conn.execute(sql, args).fetchall()
 
 
 async def test_choosing_a_chat_in_the_sidebar_focuses_the_input_and_typing_is_sent(make_app):
@@ -74,9 +66,7 @@ async def test_escape_returns_to_the_input_and_still_stops_an_answer(make_app, d
         await pilot.pause()
         assert app.focused is app.prompt
         app.query_one(ChatList).focus()
-        await send(pilot, "a long one please", wait=False)
-        answer = views(app)[-1]
-        await wait_for(pilot, lambda: len(answer.content) > 20, what="streamed text")
+        answer = await stream_some(pilot)
         answer.focus()
         await key(pilot, "escape")
         await wait_answer(pilot)
@@ -114,9 +104,7 @@ async def test_ctrl_c_stops_an_answer_and_when_idle_quits_on_the_second_press(ma
     app = make_app(FakeScript(delay=0.01))
     async with app.run_test(size=SIZE) as pilot:
         await wait_ready(pilot)
-        await send(pilot, "a long one please", wait=False)
-        answer = views(app)[-1]
-        await wait_for(pilot, lambda: len(answer.content) > 20, what="streamed text")
+        answer = await stream_some(pilot)
         await key(pilot, "ctrl+c")
         await wait_answer(pilot)
         assert answer.status == "stopped"

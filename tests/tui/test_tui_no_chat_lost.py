@@ -15,16 +15,11 @@ from granite_mlx.tui.fake_engine import default_reply
 from granite_mlx.tui.screens import ConfirmScreen
 from granite_mlx.tui.store import ChatStore
 from test_tui_store import read_only_file
-from tui_pilot_helpers import key, run_command, send, views, wait_for, wait_ready
+from tui_pilot_helpers import key, rows, run_command, send, views, wait_for, wait_ready
 
 from granite_mlx.cli import main as granite_mlx_main
 
 SIZE = (100, 32)
-
-
-def rows(data_dir: Path, sql: str, *args) -> list[tuple]:
-    with sqlite3.connect(data_dir / "chats.sqlite3") as conn:
-        return conn.execute(sql, args).fetchall()
 
 
 async def test_sending_into_a_chat_another_instance_deleted_keeps_the_text(make_app, data_dir):

@@ -34,20 +34,6 @@ trap cleanup EXIT
 
 screen() { tmux capture-pane -p -t "$SESSION"; }
 
-# wait_for TEXT SECONDS: poll the pane until TEXT shows up.
-wait_for() {
-    local text=$1 limit=$2 waited=0
-    while ! screen | grep -qF -- "$text"; do
-        sleep 0.2
-        waited=$((waited + 1))
-        if [ $((waited / 5)) -ge "$limit" ]; then
-            screen > "$WORK/$STEP.txt" || true
-            echo "timed out after ${limit}s waiting for: $text"
-            return 1
-        fi
-    done
-}
-
 # wait_count TEXT N SECONDS: poll the pane until TEXT shows up on N lines.
 wait_count() {
     local text=$1 count=$2 limit=$3 waited=0
@@ -56,11 +42,14 @@ wait_count() {
         waited=$((waited + 1))
         if [ $((waited / 5)) -ge "$limit" ]; then
             screen > "$WORK/$STEP.txt" || true
-            echo "timed out after ${limit}s waiting for $count lines with: $text"
+            echo "timed out after ${limit}s waiting for $count line(s) with: $text"
             return 1
         fi
     done
 }
+
+# wait_for TEXT SECONDS: poll the pane until TEXT shows up.
+wait_for() { wait_count "$1" 1 "$2"; }
 
 # The app runs under `sh -c`; its exit status goes to a file so we can check it.
 # (Textual draws on stderr, so stderr must stay on the pane.) The paths are quoted in

@@ -8,10 +8,14 @@ a terminal does (through the driver) and poll with plain asyncio sleeps.
 from __future__ import annotations
 
 import asyncio
+import sqlite3
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
 
 from granite_mlx.tui.app import GraniteChatApp
+from granite_mlx.tui.protocol import SamplingSettings
 from granite_mlx.tui.widgets import MessageView
 from textual import events
 from textual.command import CommandInput, CommandList, CommandPalette
@@ -73,6 +77,14 @@ async def send(pilot: Pilot, text: str, wait: bool = True, typed: bool = False) 
         await wait_answer(pilot)
 
 
+async def stream_some(pilot: Pilot, chars: int = 20, text: str = "a long one please"):
+    """Send ``text`` and return the answer's view once ``chars`` of it streamed."""
+    await send(pilot, text, wait=False)
+    answer = views(pilot.app)[-1]
+    await wait_for(pilot, lambda: len(answer.content) > chars, what="some streamed text")
+    return answer
+
+
 async def wait_answer(pilot: Pilot, timeout: float = 10.0) -> None:
     app = pilot.app
     assert isinstance(app, GraniteChatApp)
@@ -99,6 +111,43 @@ def stop_blinking(app: GraniteChatApp) -> None:
     for widget in app.screen.query("TextArea, Input"):
         if isinstance(widget, (TextArea, Input)):
             widget.cursor_blink = False
+
+
+def rows(data_dir: Path, sql: str, *args: object) -> list[tuple]:
+    """Rows of the app's database, read as another program would."""
+    with sqlite3.connect(data_dir / "chats.sqlite3") as conn:
+        return conn.execute(sql, args).fetchall()
+
+
+@dataclass
+class StreamingKeyDelays:
+    delays: list[float]  # seconds, one per key press
+    answer_chars: int  # the answer's length when the measurement began
+    tokens_per_second: float  # the streaming rate during it
+
+
+async def key_delays_while_streaming(pilot: Pilot, presses: int = 40) -> StreamingKeyDelays:
+    """Stream a long answer and time key presses into the box once it is long.
+
+    The app needs a scripted engine that streams fast (e.g. FakeScript(delay=0.0005,
+    chunk_chars=4)). Measured on a long document: a UI that re-renders the whole
+    answer per token gets slower as the answer grows.
+    """
+    app = pilot.app
+    assert isinstance(app, GraniteChatApp)
+    await wait_ready(pilot)
+    app.settings = SamplingSettings(max_tokens=1_000_000)
+    await send(pilot, "long answer please", wait=False)
+    answer = views(app)[-1]
+    await wait_for(pilot, lambda: len(answer.content) > 3000, 60, what="a long answer")
+    before, started = len(answer.content), time.perf_counter()
+    delays: list[float] = []
+    await worst_key_delay(pilot, presses=presses, delays=delays)
+    rate = (len(answer.content) - before) / (time.perf_counter() - started) / 4
+    assert app.turn is not None, "the answer was still streaming during the measurement"
+    await key(pilot, "escape")
+    await wait_answer(pilot)
+    return StreamingKeyDelays(delays, before, rate)
 
 
 async def worst_key_delay(
