@@ -205,7 +205,13 @@ class GraniteChatApp(App[None]):
     #   and Ctrl+Z suspend), except that the message box keeps its editing keys
     #   (Ctrl+A/E/K/U/W/D/X/V/Z/Y). So edit-last is Up in an empty message box (as in
     #   Slack), a key every terminal sends as is.
+    #
+    # Tab is handled by the app itself (a priority binding), so focus moves the moment
+    # the key arrives: keys typed right behind it (Tab, Down, Enter) then reach the new
+    # focus, not the old one they would otherwise be routed to while Tab is in flight.
     BINDINGS: ClassVar[list[BindingType]] = [
+        Binding("tab", "move_focus(1)", show=False, priority=True),
+        Binding("shift+tab", "move_focus(-1)", show=False, priority=True),
         Binding("escape", "stop", "Stop"),
         Binding("escape", "focus_prompt", show=False),  # when there is nothing to stop
         Binding("ctrl+c", "interrupt", show=False, priority=True),
@@ -277,7 +283,7 @@ class GraniteChatApp(App[None]):
     def compose(self) -> ComposeResult:
         yield Header()
         with Horizontal(id="body"):
-            yield ChatList(id="sidebar")
+            yield ChatList(self.choose_chat, id="sidebar")
             with Vertical(id="main"):
                 with Vertical(id="banner"):
                     yield Static(id="banner-text", markup=False)
@@ -695,21 +701,44 @@ class GraniteChatApp(App[None]):
     def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
         if action == "stop":
             return self.turn is not None
+        if action == "move_focus":  # dialogs and the palette keep their own Tab
+            return self.screen is self.screen_stack[0]
         return True
 
-    def on_key(self, event: events.Key) -> None:
-        """A printable key that reached the app (no widget took it): type it into the box.
+    def action_move_focus(self, direction: int) -> None:
+        focused = self.focused
+        if isinstance(focused, MessageView) and isinstance(focused.parent, Conversation):
+            focused.parent.focus_neighbour(direction)  # messages are not in the Tab order
+        elif direction > 0:
+            self.screen.focus_next()
+        else:
+            self.screen.focus_previous()
 
-        So letters typed while the chat list or a message has focus are not lost.
-        Dialogs keep their keys: this runs for the main screen only.
+    def on_key(self, event: events.Key) -> None:
+        """A key that reached the app without a widget taking it: if it is one the
+        message box takes, give it to the box.
+
+        So letters typed while the chat list or a message has focus are not lost, and
+        neither are keys typed ahead while the focus was moving: the box consumes its
+        own Enter and printable keys, so one of those arriving here with the box focused
+        was routed to the widget that had the focus when it was typed. Dialogs keep
+        their keys: this runs for the main screen only.
         """
-        if not event.is_printable or not event.character or self.screen is not self.screen_stack[0]:
+        if self.screen is not self.screen_stack[0]:
             return
-        if isinstance(self.focused, (Input, TextArea)):
+        focused = self.focused
+        if event.key == "enter" and focused is self.prompt:
+            event.stop()
+            event.prevent_default()
+            self.prompt.post_message(PromptInput.Submitted(self.prompt, self.prompt.text))
+            return
+        if not event.is_printable or not event.character:
+            return
+        if isinstance(focused, (Input, TextArea)) and focused is not self.prompt:
             return
         event.stop()
         event.prevent_default()
-        self.prompt.focus()
+        self.screen.set_focus(self.prompt)  # now, not after the keys already queued
         self.prompt.insert(event.character)
 
     # --- actions ------------------------------------------------------------------------
@@ -766,13 +795,14 @@ class GraniteChatApp(App[None]):
         await self._clear_to_new_chat()
         self.prompt.focus()
 
-    async def on_chat_list_opened(self, event: ChatList.Opened) -> None:
-        if self.chat is None or self.chat.id != event.chat_id:
-            await self.open_chat(event.chat_id)
+    async def choose_chat(self, chat_id: int) -> None:
+        """A chat chosen in the list: open it and go back to the message box."""
+        if self.chat is None or self.chat.id != chat_id:
+            await self.open_chat(chat_id)
         if self.size.width < NARROW_COLUMNS and self.sidebar_choice:
             self.sidebar_choice = None  # on a small screen the list gives the chat its room
             self._fit_width(self.size.width)
-        self.prompt.focus()
+        self.screen.set_focus(self.prompt)
 
     async def open_chat(self, chat_id: int) -> None:
         """Show a saved chat and make it the engine's conversation (resumed lazily)."""

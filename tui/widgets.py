@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Awaitable, Callable
 from typing import Any, ClassVar
 
 from textual import events
@@ -148,8 +149,6 @@ class MessageView(Vertical, can_focus=True):
         Binding("down", "move(1)", "Next", show=False),
         Binding("left", "app.previous_variant", "Earlier variant", show=False),
         Binding("right", "app.next_variant", "Later variant", show=False),
-        Binding("tab", "leave(1)", show=False),
-        Binding("shift+tab", "leave(-1)", show=False),
     ]
 
     def __init__(
@@ -306,11 +305,6 @@ class MessageView(Vertical, can_focus=True):
         elif index >= 0:
             views[index].focus()
 
-    def action_leave(self, direction: int) -> None:
-        """Tab / Shift+Tab from a message: on to the widget after / before the conversation."""
-        if isinstance(self.parent, Conversation):
-            self.parent.focus_neighbour(direction)
-
 
 class Conversation(VerticalScroll):
     """The messages: one Tab stop that hands its focus to a message.
@@ -332,9 +326,10 @@ class Conversation(VerticalScroll):
         (on_screen or views)[-1].focus(scroll_visible=not on_screen)
 
     def focus_neighbour(self, direction: int) -> None:
+        """Tab / Shift+Tab from a message: the widget after / before the conversation."""
         chain = self.screen.focus_chain
         if self in chain:
-            chain[(chain.index(self) + direction) % len(chain)].focus()
+            self.screen.set_focus(chain[(chain.index(self) + direction) % len(chain)])
 
 
 class SystemPromptView(Static):
@@ -353,19 +348,41 @@ class SystemPromptView(Static):
 
 class ChatList(ListView):
     """The sidebar: past chats, newest first. Each item's id is chat-<id>; the open
-    chat's item has the class -open."""
+    chat's item has the class -open.
 
-    class Opened(Message):
-        def __init__(self, chat_id: int) -> None:
-            super().__init__()
-            self.chat_id = chat_id
+    Choosing a chat calls ``choose(chat_id)`` and waits for it: with Enter, that runs
+    while the app handles the key, so keys typed right behind it already find the chat
+    open and the focus in the message box.
+    """
 
-    def on_list_view_selected(self, event: ListView.Selected) -> None:
+    def __init__(self, choose: Callable[[int], Awaitable[None]], **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.choose = choose
+
+    def _chat_id(self, item: ListItem | None) -> int | None:
+        if item is not None and item.id and item.id.startswith("chat-"):
+            return int(item.id.removeprefix("chat-"))
+        return None
+
+    async def action_select_cursor(self) -> None:  # Enter
+        if (chat_id := self._chat_id(self.highlighted_child)) is not None:
+            await self.choose(chat_id)
+
+    async def on_list_view_selected(self, event: ListView.Selected) -> None:  # a click
         event.stop()
-        if event.item.id and event.item.id.startswith("chat-"):
-            self.post_message(self.Opened(int(event.item.id.removeprefix("chat-"))))
+        if (chat_id := self._chat_id(event.item)) is not None:
+            await self.choose(chat_id)
 
     async def show(self, chats: list[tuple[int, str]], current: int | None) -> None:
+        """List ``chats`` (id, title), marking ``current``. The same list as shown is
+        not rebuilt, so a cursor the user is moving is left where it is."""
+        if chats == getattr(self, "_shown", None):
+            for item in self.children:
+                item.set_class(item.id == f"chat-{current}", "-open")
+            if current != getattr(self, "_current", None):
+                self._highlight(chats, current)
+            self._current = current
+            return
         await self.clear()
         items = [
             ListItem(
@@ -376,9 +393,9 @@ class ChatList(ListView):
             for cid, title in chats
         ]
         await self.extend(items)
-        for index, (cid, _) in enumerate(chats):
-            if cid == current:
-                self.index = index
-                break
-        else:
-            self.index = None
+        self._shown, self._current = list(chats), current
+        self._highlight(chats, current)
+
+    def _highlight(self, chats: list[tuple[int, str]], current: int | None) -> None:
+        ids = [cid for cid, _ in chats]
+        self.index = ids.index(current) if current in ids else None

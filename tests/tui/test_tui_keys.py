@@ -5,6 +5,7 @@ from __future__ import annotations
 from granite_mlx.tui.fake_engine import FakeScript, default_reply
 from granite_mlx.tui.screens import KEYS_HELP, KeysScreen, TextEditScreen
 from granite_mlx.tui.widgets import ChatList, Conversation, MessageView
+from textual import events
 from textual.widgets import Static, TextArea
 from tui_pilot_helpers import key, rows, send, stream_some, views, wait_answer, wait_for, wait_ready
 
@@ -186,3 +187,22 @@ async def test_keys_help_lists_the_apps_own_keys(make_app):
         assert not any("up" in b.key and "ctrl" in b.key for b in app.BINDINGS)
         await pilot.press("escape")
         assert not isinstance(app.screen, KeysScreen)
+
+
+async def test_keys_typed_ahead_land_where_the_earlier_keys_moved_the_focus(make_app):
+    """Tab, Down, Enter and letters in one burst (a fast typist, a terminal delivering
+    several keys at once): each goes where the keys before it moved the focus."""
+    app = make_app()
+    async with app.run_test(size=SIZE) as pilot:
+        await wait_ready(pilot)
+        await send(pilot, "first chat")
+        first = app.chat.id
+        await pilot.press("ctrl+n")
+        await send(pilot, "second chat")
+        driver = app._driver
+        burst = ["tab", "down", "enter", *"ahead", "enter"]
+        for name in burst:  # no pause between them
+            driver.send_message(events.Key(name, name if len(name) == 1 else ("\r" if name == "enter" else None)))
+        await wait_for(pilot, lambda: app.chat.id == first and len(views(app)) == 4, what="sent")
+        await wait_answer(pilot)
+        assert views(app)[2].content == "ahead"
