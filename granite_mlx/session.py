@@ -87,6 +87,8 @@ class ChatSession:
 
     #: Snapshots the session's prompt cache is sized for (plus the K/V they need).
     max_snapshots = 8
+    #: Snapshots `save` writes with the conversation.
+    saved_snapshots = 3
 
     def __init__(
         self,
@@ -249,8 +251,11 @@ class ChatSession:
         atomically. `load` resumes it exactly: the next turn prefills only what is new.
         """
         # Snapshots on the conversation's path ride along as extra Mamba layers after
-        # the real ones: their K/V is a prefix of the live cache's.
-        lengths = [n for n in self.prompt_cache.states(self._ids) if n < len(self._ids)]
+        # the real ones: their K/V is a prefix of the live cache's. The last few are
+        # kept (before the last question, after it, the prompt but its last token:
+        # enough to edit and to regenerate); each costs a whole Mamba2 state on disk.
+        on_path = [n for n in self.prompt_cache.states(self._ids) if n < len(self._ids)]
+        lengths = on_path[-self.saved_snapshots :]
         layers = list(self._cache)
         for n in lengths:
             found = self.prompt_cache.lookup(self._ids[:n])

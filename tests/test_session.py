@@ -142,9 +142,16 @@ def test_save_load_continue_equals_an_uninterrupted_session(tmp_path):
     b = tokens_of(resumed.send("And of Spain?", max_tokens=5))
     assert a == b and resumed.last_prefill_tokens == s.last_prefill_tokens
     assert resumed.last_prefill_tokens < 20  # the saved cache was used
-    # The saved snapshots work too: regenerating costs one token.
+    # The saved snapshots work too: regenerating costs one token...
     assert tokens_of(resumed.regenerate(max_tokens=5)) == a
     assert resumed.last_prefill_tokens == 1
+    # ... and editing the last question prefills only that question.
+    again = ChatSession.load(path, model, tokenizer)
+    edited = tokens_of(again.edit_last("And of Portugal?", max_tokens=3))
+    question = len(tokenizer.encode("And of Portugal?", add_special_tokens=False))
+    assert again.last_prefill_tokens <= question + 8
+    fresh = ChatSession.from_messages(model, tokenizer, again.messages[:-1], system=s.system)
+    assert tokens_of(fresh.regenerate(max_tokens=3)) == edited
 
 
 def test_load_refuses_other_models_and_other_files(tmp_path):
