@@ -6,6 +6,7 @@
     granite-mlx upload OUT --repo NAME              upload a converted folder to the Hub
     granite-mlx bench ...                           speed measurements (granite_mlx.bench)
     granite-mlx models | pull REPO | rm REPO        the Hugging Face cache (granite_mlx.hub_cache)
+    granite-mlx serve ...                           OpenAI/Ollama-compatible server (granite_mlx.serve)
 
 Errors the user can fix print one line to stderr and exit 1 (bad options
 included: they are checked before the model loads); Ctrl+C exits 130.
@@ -35,6 +36,7 @@ _DELEGATED = {
     "models": ("granite_mlx.hub_cache", "models_main", "list the Granite models in the HF cache"),
     "pull": ("granite_mlx.hub_cache", "pull_main", "download a model into the HF cache"),
     "rm": ("granite_mlx.hub_cache", "rm_main", "remove a model from the HF cache"),
+    "serve": ("granite_mlx.serve.cli", "main", "serve OpenAI and Ollama clients over HTTP"),
 }
 
 

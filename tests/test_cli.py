@@ -80,18 +80,19 @@ def test_ctrl_c_exits_130_quietly(capsys, monkeypatch):
     assert code == 130 and "Traceback" not in err
 
 
-def test_chat_convert_and_bench_hand_their_arguments_over(capsys, monkeypatch):
+def test_chat_convert_bench_and_serve_hand_their_arguments_over(capsys, monkeypatch):
     seen = {}
     for command, module in [
         ("chat", "granite_mlx.tui.app"),
         ("convert", "granite_mlx.convert.cli"),
         ("bench", "granite_mlx.bench"),
+        ("serve", "granite_mlx.serve.cli"),
     ]:
         fake = types.ModuleType(module)
         fake.main = lambda argv, command=command: seen.setdefault(command, argv) and 0
         monkeypatch.setitem(sys.modules, module, fake)
         assert cli.main([command, "--flag", "value"]) == 0
-    assert seen == {c: ["--flag", "value"] for c in ("chat", "convert", "bench")}
+    assert seen == {c: ["--flag", "value"] for c in ("chat", "convert", "bench", "serve")}
 
 
 def test_a_missing_subcommand_module_is_a_user_error(capsys, monkeypatch):

@@ -1,0 +1,212 @@
+"""`granite-mlx serve`: load a model and answer OpenAI and Ollama clients over HTTP.
+
+    granite-mlx serve                                   # the default model, on 127.0.0.1:8080
+    granite-mlx serve --model ./granite-4.0-h-1b --port 11434 --max-batch 16
+    granite-mlx serve --host 0.0.0.0 --api-key "$KEY"   # reachable from the network
+
+Errors the user can fix (no such model, the port taken) print one line and exit 1.
+Ctrl+C or SIGTERM stops the server: running answers end with an error, then it exits.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import logging
+import socket
+import sys
+from collections.abc import Sequence
+
+import uvicorn
+
+from granite_mlx.errors import GraniteError
+
+PROG = "granite-mlx serve"
+DEFAULT_MODEL = "ibm-granite/granite-4.0-h-350m"  # the chat app's default
+DEFAULT_PROMPT_CACHE_GB = 2.0
+
+
+class ServeError(GraniteError):
+    """The server cannot start as asked."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that raises, so a bad flag is one line and exit 1 like other user errors."""
+
+    def error(self, message: str):
+        raise ServeError(f"{message} (see `{PROG} --help`)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(
+        prog=PROG,
+        description="Serve a Granite 4.0 model to OpenAI and Ollama clients "
+        "(continuous batching, prompt reuse across requests).",
+    )
+    p.add_argument(
+        "--model",
+        default=DEFAULT_MODEL,
+        help=f"checkpoint folder or Hugging Face repo id (default: {DEFAULT_MODEL})",
+    )
+    p.add_argument(
+        "--host",
+        default="127.0.0.1",
+        help="address to listen on (default 127.0.0.1: this machine only)",
+    )
+    p.add_argument("--port", type=int, default=8080, help="port (default 8080)")
+    p.add_argument("--max-batch", type=int, default=8, help="requests decoded together (default 8)")
+    p.add_argument(
+        "--max-queue",
+        type=int,
+        default=64,
+        help="requests waiting beyond the batch before new ones get 503 (default 64)",
+    )
+    p.add_argument(
+        "--prompt-cache-gb",
+        type=float,
+        default=DEFAULT_PROMPT_CACHE_GB,
+        help="memory for cached prompt prefixes, reused across requests "
+        f"(default {DEFAULT_PROMPT_CACHE_GB:g}; 0 turns the cache off)",
+    )
+    p.add_argument(
+        "--api-key", default=None, help="require 'Authorization: Bearer KEY' on every request"
+    )
+    p.add_argument(
+        "--log-requests",
+        action="store_true",
+        help="log one line per request (tokens, cache hits, timings) to stderr",
+    )
+    p.add_argument(
+        "--dtype",
+        choices=["bfloat16", "float16", "float32"],
+        default=None,
+        help="cast the weights (default: the checkpoint's own)",
+    )
+    return p
+
+
+def _check(args: argparse.Namespace) -> None:
+    if not 0 <= args.port <= 65535:
+        raise ServeError(f"--port must be 0..65535, got {args.port}")
+    if args.max_batch < 1:
+        raise ServeError(f"--max-batch must be at least 1, got {args.max_batch}")
+    if args.max_queue < 0:
+        raise ServeError(f"--max-queue must be 0 or more, got {args.max_queue}")
+    if args.prompt_cache_gb < 0:
+        raise ServeError(f"--prompt-cache-gb must be 0 or more, got {args.prompt_cache_gb}")
+    if args.api_key is not None and not args.api_key.strip():
+        raise ServeError("--api-key is empty; give a key, or leave the flag out")
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def bind(host: str, port: int) -> socket.socket:
+    """The listening socket, or a ServeError saying why not."""
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as exc:
+        raise ServeError(f"cannot listen on {host!r}: {exc.strerror}; check --host") from None
+    family, kind, proto, _, address = infos[0]
+    sock = socket.socket(family, kind, proto)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind(address)
+    except OSError as exc:
+        sock.close()
+        hint = "pick another with --port" if exc.errno in (48, 98) else "check --host and --port"
+        raise ServeError(f"cannot listen on {host}:{port}: {exc.strerror}; {hint}") from None
+    sock.listen(128)
+    sock.setblocking(False)
+    return sock
+
+
+def banner(model_id: str, host: str, port: int, api_key: str | None) -> str:
+    shown = f"[{host}]" if ":" in host else host
+    if host in ("0.0.0.0", "::"):
+        shown = "127.0.0.1"
+    url = f"http://{shown}:{port}"
+    key = '"<your --api-key>"' if api_key else '"none"'
+    lines = [
+        f"Serving {model_id} at {url}",
+        f'  OpenAI: OpenAI(base_url="{url}/v1", api_key={key})  (or OPENAI_BASE_URL={url}/v1)',
+        f"  Ollama: OLLAMA_HOST={url}",
+        "Press Ctrl+C to stop.",
+    ]
+    if not _is_loopback(host):
+        lines.insert(
+            1,
+            f"  Listening on {host}: reachable from other machines"
+            + ("" if api_key else " by anyone (no --api-key)."),
+        )
+    return "\n".join(lines)
+
+
+def serve(args: argparse.Namespace) -> int:
+    from granite_mlx.engine import EngineThread
+    from granite_mlx.prompt_cache import PromptCache
+
+    from granite_mlx.generate import load
+
+    from .app import Server, create_app
+    from .service import Service, model_name
+
+    sock = bind(args.host, args.port)  # before the (slow) load: a taken port fails fast
+    try:
+        print(f"Loading {args.model}...", file=sys.stderr, flush=True)
+        model, tokenizer = load(args.model, dtype=args.dtype)
+        cache = PromptCache(int(args.prompt_cache_gb * 1e9)) if args.prompt_cache_gb > 0 else None
+        engine = EngineThread(model, tokenizer, max_batch=args.max_batch, prompt_cache=cache)
+        try:
+            model_id = model_name(args.model)
+            service = Service(
+                engine,
+                model,
+                tokenizer,
+                model_id,
+                max_batch=args.max_batch,
+                max_queue=args.max_queue,
+                log_requests=args.log_requests,
+            )
+            app = create_app(service, api_key=args.api_key)
+            if args.log_requests:
+                handler = logging.StreamHandler(sys.stderr)
+                handler.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
+                logging.getLogger("granite_mlx.serve").addHandler(handler)
+                logging.getLogger("granite_mlx.serve").setLevel(logging.INFO)
+            config = uvicorn.Config(
+                app,
+                lifespan="off",
+                access_log=False,
+                log_level="warning",
+                timeout_graceful_shutdown=15,
+            )
+            port = sock.getsockname()[1]
+            print(banner(model_id, args.host, port, args.api_key), flush=True)
+            Server(config, service).run(sockets=[sock])
+        finally:
+            engine.shutdown()
+    finally:
+        sock.close()
+    print("Stopped.", file=sys.stderr)
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run `granite-mlx serve`; returns the exit status."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        args = build_parser().parse_args(argv)
+        _check(args)
+        return serve(args)
+    except KeyboardInterrupt:
+        return 130
+    except (GraniteError, OSError) as exc:
+        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        return 1

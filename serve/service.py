@@ -1,0 +1,342 @@
+"""What every route shares: the engine, admission, and the answer being assembled.
+
+`Service.submit` admits a `Job` (or answers 503 when the engine already holds
+``max_batch + max_queue`` requests, or while shutting down) and returns a `Flight`:
+the engine stream plus its bookkeeping. A flight is always ended by `Service.release`,
+which cancels the engine row if the answer did not finish (the client hung up), so
+no abandoned request keeps decoding.
+
+`Answer` turns the engine's `GenerationResponse` steps into what both APIs report:
+text, tool calls (each once, as the engine may repeat the complete list on the final
+step), token log-probabilities, counts and timings.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import math
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from granite_mlx.errors import GraniteError
+from granite_mlx.generate import GenerationResponse, PromptTooLongError
+
+from .errors import APIError
+from .translate import Job, Translator
+
+log = logging.getLogger("granite_mlx.serve")
+
+SHUTTING_DOWN = "the server is shutting down"
+
+
+def model_name(model: str) -> str:
+    """The name clients use: a Hub repo id as is, a local folder by its own name."""
+    path = Path(model).expanduser()
+    if model.startswith(("/", ".", "~")) or path.is_dir():
+        return path.resolve().name
+    return model
+
+
+class Flight:
+    """One admitted request: its engine stream, job, and timings."""
+
+    def __init__(self, stream: Any, job: Job, route: str):
+        self.stream = stream
+        self.job = job
+        self.route = route
+        self.finished = False
+        self.answer = Answer(job)
+
+    async def responses(self) -> AsyncIterator[GenerationResponse]:
+        async for r in self.stream:
+            if r.finish_reason is not None:
+                self.finished = True
+            yield r
+            if self.finished:
+                return
+
+
+@dataclass
+class Step:
+    """What one engine response adds to the answer."""
+
+    text: str = ""
+    calls: list[Any] = field(default_factory=list)  # new valid ToolCalls
+    logprobs: list[dict[str, Any]] = field(default_factory=list)
+
+
+class Answer:
+    """The answer so far, shaped for the APIs."""
+
+    def __init__(self, job: Job):
+        self.job = job
+        self.text: list[str] = []
+        self.tokens: list[int] = []
+        self.calls: list[Any] = []
+        self._seen_calls: set[str] = set()
+        self.logprobs: list[dict[str, Any]] = []
+        self.finish: str | None = None
+        self.error: str | None = None
+        self.cached_tokens = 0
+        self.generated = 0
+        self.start = time.perf_counter()
+        self.first: float | None = None
+        self.end: float | None = None
+
+    def add(self, r: GenerationResponse, eos: set[int], token_text: Any) -> Step:
+        step = Step(text=r.text)
+        if r.token is not None:
+            if self.first is None:
+                self.first = time.perf_counter()
+            self.tokens.append(r.token)
+            if self.job.logprobs and r.token not in eos:
+                step.logprobs.append(self._logprob(r, token_text))
+        for call in r.tool_calls:
+            if call.id in self._seen_calls:
+                continue
+            self._seen_calls.add(call.id)
+            if self.job.tools and call.valid:
+                step.calls.append(call)
+            else:  # no tools were offered, or the call is broken: the model's words stand
+                step.text += call.raw
+        self.text.append(step.text)
+        self.calls += step.calls
+        self.logprobs += step.logprobs
+        self.cached_tokens = getattr(r, "cached_tokens", 0) or 0
+        self.generated = r.generation_tokens
+        if r.finish_reason is not None:
+            self.end = time.perf_counter()
+            self.finish = r.finish_reason
+            if r.finish_reason == "error":
+                self.error = getattr(r, "error", None) or "generation failed"
+        return step
+
+    def _logprob(self, r: GenerationResponse, token_text: Any) -> dict[str, Any]:
+        text, raw = token_text(r.token)
+        entry = {"token": text, "logprob": _finite(r.logprob), "bytes": list(raw)}
+        tops = []
+        for token, logprob in (getattr(r, "top_logprobs", None) or [])[: self.job.top_logprobs]:
+            t, b = token_text(token)
+            tops.append({"token": t, "logprob": _finite(logprob), "bytes": list(b)})
+        entry["top_logprobs"] = tops
+        return entry
+
+    @property
+    def ok(self) -> bool:
+        return self.finish in ("stop", "length")
+
+    def full_text(self) -> str:
+        return "".join(self.text)
+
+    def finish_reason(self) -> str:
+        """OpenAI's finish_reason (Ollama's done_reason takes the same, but tool_calls)."""
+        if self.finish == "stop" and self.calls:
+            return "tool_calls"
+        return self.finish or "stop"
+
+    def usage(self) -> dict[str, Any]:
+        prompt = len(self.job.prompt_ids)
+        return {
+            "prompt_tokens": prompt,
+            "completion_tokens": self.generated,
+            "total_tokens": prompt + self.generated,
+            "prompt_tokens_details": {"cached_tokens": self.cached_tokens},
+        }
+
+    def ttft(self) -> float | None:
+        return None if self.first is None else self.first - self.start
+
+
+def _finite(x: float | None) -> float:
+    """JSON has no -inf: a token the mask ruled out reports the most negative float."""
+    if x is None:
+        return 0.0
+    return x if math.isfinite(x) else -9999.0
+
+
+class Service:
+    """The engine and everything the routes share."""
+
+    def __init__(
+        self,
+        engine: Any,
+        model: Any,
+        tokenizer: Any,
+        model_id: str,
+        *,
+        max_batch: int = 8,
+        max_queue: int = 64,
+        log_requests: bool = False,
+    ):
+        self.engine = engine
+        self.model = model
+        self.tokenizer = tokenizer
+        self.translator = Translator(model, tokenizer)
+        self.model_id = model_id
+        self.created = int(time.time())
+        self.capacity = max_batch + max_queue
+        self.log_requests = log_requests
+        self.eos = set(tokenizer.eos_token_ids)
+        self.flights: set[Flight] = set()
+        self.closing = False
+        self._token_text: dict[int, tuple[str, bytes]] = {}
+        self._parameters: int | None = None
+        self._byte_decoder = _byte_decoder()
+
+    # --- models -------------------------------------------------------------------
+
+    def model_parameters(self) -> int:
+        """Parameter count, a quantized weight counted by the values it packs."""
+        if self._parameters is None:
+            self._parameters, self._bytes, self._quantization = _weigh(self.model)
+        return self._parameters
+
+    def model_bytes(self) -> int:
+        self.model_parameters()
+        return self._bytes
+
+    def quantization(self) -> str:
+        """Ollama's quantization_level spelling: Q4, Q8, F16, BF16, F32."""
+        self.model_parameters()
+        return self._quantization
+
+    def digest(self) -> str:
+        return hashlib.sha256(f"{self.model_id}@{self.created}".encode()).hexdigest()
+
+    def names(self) -> set[str]:
+        base = self.model_id.rsplit("/", 1)[-1]
+        return {self.model_id, base, f"{self.model_id}:latest", f"{base}:latest"}
+
+    def check_model(self, name: str, field: str = "model") -> None:
+        if name not in self.names():
+            raise APIError(
+                404,
+                f"{field}: the model {name!r} is not served here; this server runs "
+                f"{self.model_id!r}",
+                param=field,
+                code="model_not_found",
+            )
+
+    # --- flights ------------------------------------------------------------------
+
+    def submit(self, job: Job, route: str) -> Flight:
+        """Hand a job to the engine; raises APIError for a full queue or a refused prompt."""
+        if self.closing:
+            raise APIError(503, SHUTTING_DOWN, headers={"Retry-After": "5"})
+        if len(self.flights) >= self.capacity:
+            raise APIError(
+                503,
+                f"the server is busy ({len(self.flights)} requests running or queued); "
+                "retry shortly",
+                code="overloaded",
+                headers={"Retry-After": "1"},
+            )
+        try:
+            stream = self.engine.submit(job.request)
+        except PromptTooLongError as exc:
+            raise APIError(
+                400,
+                str(exc),
+                param="messages" if "chat" in route else "prompt",
+                code="context_length_exceeded",
+            ) from None
+        except GraniteError as exc:
+            raise APIError(400, str(exc)) from None
+        flight = Flight(stream, job, route)
+        self.flights.add(flight)
+        return flight
+
+    def release(self, flight: Flight, status: int = 200) -> None:
+        """The route is done with a flight: stop the engine row if it still runs."""
+        if not flight.finished:
+            flight.stream.cancel()
+        self.flights.discard(flight)
+        if self.log_requests:
+            a = flight.answer
+            ttft = a.ttft()
+            log.info(
+                "%s %d prompt=%d cached=%d generated=%d ttft=%s total=%.2fs finish=%s",
+                flight.route,
+                status,
+                len(flight.job.prompt_ids),
+                a.cached_tokens,
+                a.generated,
+                f"{ttft:.2f}s" if ttft is not None else "-",
+                time.perf_counter() - a.start,
+                a.finish or ("hung up" if not flight.finished else "-"),
+            )
+
+    async def drain(self, timeout: float = 10.0) -> None:
+        """Refuse new requests and end the running ones (each ends with an error)."""
+        self.closing = True
+        for flight in list(self.flights):
+            flight.stream.cancel()
+        deadline = time.monotonic() + timeout
+        while self.flights and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
+
+    def add(self, flight: Flight, r: GenerationResponse) -> Step:
+        step = flight.answer.add(r, self.eos, self.token_text)
+        if r.finish_reason == "cancelled" and self.closing:
+            flight.answer.error = SHUTTING_DOWN
+        return step
+
+    # --- tokens as text -----------------------------------------------------------
+
+    def token_text(self, token: int) -> tuple[str, bytes]:
+        """A token's text and its exact bytes (a token may hold part of a character)."""
+        cached = self._token_text.get(token)
+        if cached is None:
+            piece = self.tokenizer.convert_ids_to_tokens(token)
+            if isinstance(piece, str) and all(c in self._byte_decoder for c in piece):
+                raw = bytes(self._byte_decoder[c] for c in piece)  # byte-level BPE
+            else:
+                raw = self.tokenizer.decode([token]).encode()
+            cached = self._token_text[token] = (raw.decode("utf-8", errors="replace"), raw)
+        return cached
+
+
+def _byte_decoder() -> dict[str, int]:
+    """Byte-level BPE's printable stand-ins for bytes, reversed (GPT-2's convention:
+    printable Latin-1 bytes stand for themselves, the others shift to 256 and up)."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(0xA1, 0xAC + 1), *range(0xAE, 0xFF + 1)]
+    decoder, extra = {}, 0
+    for b in range(256):
+        if b in printable:
+            decoder[chr(b)] = b
+        else:
+            decoder[chr(256 + extra)] = b
+            extra += 1
+    return decoder
+
+
+def _weigh(model: Any) -> tuple[int, int, str]:
+    """(parameters, bytes, quantization level) of a model's weights."""
+    import mlx.core as mx
+
+    parameters = size = 0
+    bits: set[int] = set()
+    dtypes: set[str] = set()
+    for _, module in model.named_modules():
+        packed = getattr(module, "bits", None)
+        for name, value in module.items():
+            if not isinstance(value, mx.array):
+                continue
+            size += value.nbytes
+            if packed and name == "weight":
+                parameters += value.size * 32 // packed
+                bits.add(packed)
+            elif not (packed and name in ("scales", "biases")):
+                parameters += value.size
+                dtypes.add(str(value.dtype).rsplit(".", 1)[-1])
+    if bits:
+        level = "Q" + "/".join(str(b) for b in sorted(bits))
+    else:
+        level = next((d for d in ("bfloat16", "float16", "float32") if d in dtypes), "float32")
+        level = {"bfloat16": "BF16", "float16": "F16", "float32": "F32"}[level]
+    return parameters, size, level
