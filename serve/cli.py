@@ -150,9 +150,8 @@ def banner(model_id: str, host: str, port: int, api_key: str | None) -> str:
 
 def serve(args: argparse.Namespace) -> int:
     from granite_mlx.engine import EngineThread
-    from granite_mlx.prompt_cache import PromptCache
-
     from granite_mlx.generate import load
+    from granite_mlx.prompt_cache import PromptCache
 
     from .app import Server, create_app
     from .service import Service, model_name
@@ -162,7 +161,13 @@ def serve(args: argparse.Namespace) -> int:
         print(f"Loading {args.model}...", file=sys.stderr, flush=True)
         model, tokenizer = load(args.model, dtype=args.dtype)
         cache = PromptCache(int(args.prompt_cache_gb * 1e9)) if args.prompt_cache_gb > 0 else None
-        engine = EngineThread(model, tokenizer, max_batch=args.max_batch, prompt_cache=cache)
+        engine = EngineThread(
+            model,
+            tokenizer,
+            max_batch=args.max_batch,
+            max_queue=args.max_queue,
+            prompt_cache=cache,
+        )
         try:
             model_id = model_name(args.model)
             service = Service(
@@ -170,8 +175,6 @@ def serve(args: argparse.Namespace) -> int:
                 model,
                 tokenizer,
                 model_id,
-                max_batch=args.max_batch,
-                max_queue=args.max_queue,
                 log_requests=args.log_requests,
             )
             app = create_app(service, api_key=args.api_key)

@@ -61,13 +61,13 @@ class FunctionCall(_Body):
         if isinstance(value, dict):
             return value
         if not isinstance(value, str):
-            raise ValueError("must be a JSON string (or an object)")
+            raise ValueError("must be a JSON string (or an object)")  # noqa: TRY004
         try:
             parsed = json.loads(value) if value.strip() else {}
         except json.JSONDecodeError as exc:
             raise ValueError(f"is not valid JSON ({exc.msg} at character {exc.pos})") from None
         if not isinstance(parsed, dict):
-            raise ValueError("must encode a JSON object")
+            raise ValueError("must encode a JSON object")  # noqa: TRY004
         return value
 
 
@@ -82,18 +82,18 @@ def _text_content(value: Any) -> str | list[dict[str, str]] | None:
     if value is None or isinstance(value, str):
         return value
     if not isinstance(value, list):
-        raise ValueError("must be a string or a list of content parts")
+        raise ValueError("must be a string or a list of content parts")  # noqa: TRY004
     parts = []
     for i, part in enumerate(value):
         if not isinstance(part, dict) or not isinstance(part.get("type"), str):
-            raise ValueError(f"part [{i}] must be an object with a 'type'")
+            raise ValueError(f"part [{i}] must be an object with a 'type'")  # noqa: TRY004
         if part["type"] not in ("text", "input_text"):
             raise ValueError(
                 f"part [{i}] has type {part['type']!r}: this model reads text only; "
                 "send text parts ({'type': 'text', 'text': ...})"
             )
         if not isinstance(part.get("text"), str):
-            raise ValueError(f"part [{i}] needs a 'text' string")
+            raise ValueError(f"part [{i}] needs a 'text' string")  # noqa: TRY004
         parts.append({"type": "text", "text": part["text"]})
     return parts
 

@@ -1,8 +1,8 @@
 """What every route shares: the engine, admission, and the answer being assembled.
 
-`Service.submit` admits a `Job` (or answers 503 when the engine already holds
-``max_batch + max_queue`` requests, or while shutting down) and returns a `Flight`:
-the engine stream plus its bookkeeping. A flight is always ended by `Service.release`,
+`Service.submit` hands a `Job` to the engine thread (a 503 when its queue is full,
+or while shutting down) and returns a `Flight`: the engine stream plus its
+bookkeeping. A flight is always ended by `Service.release`,
 which cancels the engine row if the answer did not finish (the client hung up), so
 no abandoned request keeps decoding.
 
@@ -23,8 +23,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from granite_mlx.errors import GraniteError
-from granite_mlx.generate import GenerationResponse, PromptTooLongError
+from granite_mlx.engine import EngineShutdown, GenerationResponse, QueueFullError
+from granite_mlx.errors import GraniteError, PromptTooLongError
 
 from .errors import APIError
 from .translate import Job, Translator
@@ -53,12 +53,19 @@ class Flight:
         self.answer = Answer(job)
 
     async def responses(self) -> AsyncIterator[GenerationResponse]:
-        async for r in self.stream:
-            if r.finish_reason is not None:
-                self.finished = True
-            yield r
-            if self.finished:
-                return
+        """The engine's responses; an engine that stops or fails ends the answer with an
+        "error" response (the routes send it as the API's error)."""
+        try:
+            async for r in self.stream:
+                if r.finish_reason is not None:
+                    self.finished = True
+                yield r
+                if self.finished:
+                    return
+        except EngineShutdown as exc:
+            self.finished = True
+            self.answer.error = str(exc)
+            yield GenerationResponse("", None, None, "error")
 
 
 @dataclass
@@ -107,20 +114,20 @@ class Answer:
         self.text.append(step.text)
         self.calls += step.calls
         self.logprobs += step.logprobs
-        self.cached_tokens = getattr(r, "cached_tokens", 0) or 0
+        self.cached_tokens = r.cached_tokens
         self.generated = r.generation_tokens
         if r.finish_reason is not None:
             self.end = time.perf_counter()
             self.finish = r.finish_reason
             if r.finish_reason == "error":
-                self.error = getattr(r, "error", None) or "generation failed"
+                self.error = self.error or "generation failed"
         return step
 
     def _logprob(self, r: GenerationResponse, token_text: Any) -> dict[str, Any]:
         text, raw = token_text(r.token)
         entry = {"token": text, "logprob": _finite(r.logprob), "bytes": list(raw)}
         tops = []
-        for token, logprob in (getattr(r, "top_logprobs", None) or [])[: self.job.top_logprobs]:
+        for token, logprob in (r.top_logprobs or [])[: self.job.top_logprobs]:
             t, b = token_text(token)
             tops.append({"token": t, "logprob": _finite(logprob), "bytes": list(b)})
         entry["top_logprobs"] = tops
@@ -169,8 +176,6 @@ class Service:
         tokenizer: Any,
         model_id: str,
         *,
-        max_batch: int = 8,
-        max_queue: int = 64,
         log_requests: bool = False,
     ):
         self.engine = engine
@@ -179,7 +184,6 @@ class Service:
         self.translator = Translator(model, tokenizer)
         self.model_id = model_id
         self.created = int(time.time())
-        self.capacity = max_batch + max_queue
         self.log_requests = log_requests
         self.eos = set(tokenizer.eos_token_ids)
         self.flights: set[Flight] = set()
@@ -228,16 +232,14 @@ class Service:
         """Hand a job to the engine; raises APIError for a full queue or a refused prompt."""
         if self.closing:
             raise APIError(503, SHUTTING_DOWN, headers={"Retry-After": "5"})
-        if len(self.flights) >= self.capacity:
-            raise APIError(
-                503,
-                f"the server is busy ({len(self.flights)} requests running or queued); "
-                "retry shortly",
-                code="overloaded",
-                headers={"Retry-After": "1"},
-            )
         try:
             stream = self.engine.submit(job.request)
+        except QueueFullError as exc:
+            raise APIError(
+                503, f"the server is busy: {exc}", code="overloaded", headers={"Retry-After": "1"}
+            ) from None
+        except EngineShutdown as exc:
+            raise APIError(503, f"{SHUTTING_DOWN} ({exc})", headers={"Retry-After": "5"}) from None
         except PromptTooLongError as exc:
             raise APIError(
                 400,

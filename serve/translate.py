@@ -3,13 +3,12 @@
 Both APIs come down to the same `Job`: the prompt's token ids, the engine request, and
 what the answer must report (tool calls, log-probabilities). The rules:
 
-* Chat messages are rendered with the checkpoint's chat template
-  (`encode_prompt_with_boundaries`), tools included; the token position where each
-  message ends becomes a ``snapshot_at`` point, so the engine's prompt cache can serve
-  any later request that shares those messages: a regenerated answer, an edited last
-  question, a new chat over the same system prompt, an agent's rewritten tool result.
-* A plain-text prompt keeps one snapshot, one token before its end: a repeat, or a
-  longer prompt that extends it, then prefills almost nothing.
+* Chat messages are rendered with the checkpoint's chat template, tools included.
+* Every prompt (chat, or text that a client templated itself) asks the engine for a
+  snapshot where each message ends (`message_boundaries`), so the prompt cache can
+  serve any later request that shares those messages: a regenerated answer, an
+  edited last question, a new chat over the same system prompt, an agent's rewritten
+  tool result. (The engine itself keeps the end of every prompt and answer.)
 * Without a token limit the answer may run to the end of the model's context.
 * Sampling options become `SamplingParams`; OpenAI's frequency/presence penalties and
   ``logit_bias`` become mlx-lm logits processors.
@@ -23,9 +22,13 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from granite_mlx.chat_format import (
+    ChatFormatError,
+    encode_prompt,
+    message_boundaries,
+    render_prompt,
+)
 from granite_mlx.engine import Request
-
-from granite_mlx.chat_format import ChatFormatError, encode_prompt_with_boundaries, render_prompt
 from granite_mlx.errors import GraniteError
 from granite_mlx.generate import encode_input
 from granite_mlx.sampling import SamplingParams
@@ -73,13 +76,13 @@ class Translator:
     def chat(self, body: ChatCompletionRequest) -> Job:
         tools = [t.model_dump(exclude_none=True) for t in body.tools] if body.tools else None
         messages = [_openai_message(m) for m in body.messages]
-        ids, snapshot_at = self._encode_chat(messages, tools)
+        ids = self._encode_chat(messages, tools)
         limit = body.max_completion_tokens or body.max_tokens
         top = body.top_logprobs or 0
         fmt = body.response_format.as_dict() if body.response_format else None
         request = self._request(
             ids,
-            snapshot_at,
+            (),
             limit,
             _openai_sampling(body),
             body.stop,
@@ -97,7 +100,7 @@ class Translator:
         top = body.logprobs or 0
         request = self._request(
             ids,
-            [len(ids) - 1],
+            (),
             body.max_tokens,
             _openai_sampling(body),
             body.stop,
@@ -114,11 +117,11 @@ class Translator:
 
     def ollama_chat(self, body: OllamaChatRequest) -> Job:
         tools = [t.model_dump(exclude_none=True) for t in body.tools] if body.tools else None
-        ids, snapshot_at = self._encode_chat([_ollama_message(m) for m in body.messages], tools)
+        ids = self._encode_chat([_ollama_message(m) for m in body.messages], tools)
         o = body.options
         request = self._request(
             ids,
-            snapshot_at,
+            (),
             _ollama_limit(o),
             _ollama_sampling(o),
             o.stop,
@@ -136,7 +139,6 @@ class Translator:
                     400, "system: not used with raw=true; put it in the prompt", param="system"
                 )
             ids = self._encode_text(text, "prompt")
-            snapshot_at = [len(ids) - 1]
         else:
             messages = [{"role": "system", "content": body.system}] if body.system else []
             messages.append({"role": "user", "content": body.prompt})
@@ -145,7 +147,8 @@ class Translator:
                 turn = self._turn_text(messages)
                 ids = list(self.tokenizer.encode(turn, add_special_tokens=False))
             else:
-                ids, snapshot_at = self._encode_chat(messages, None)
+                ids = self._encode_chat(messages, None)
+        extra = ()
         if body.context:
             bad = next((t for t in body.context if not 0 <= t < self.vocab_size), None)
             if bad is not None:
@@ -155,11 +158,11 @@ class Translator:
                     param="context",
                 )
             ids = list(body.context) + ids
-            snapshot_at = [len(body.context), len(ids) - 1]
+            extra = (len(body.context),)  # where the earlier answer ended
         o = body.options
         request = self._request(
             ids,
-            snapshot_at,
+            extra,
             _ollama_limit(o),
             _ollama_sampling(o),
             o.stop,
@@ -173,13 +176,11 @@ class Translator:
 
     def _encode_chat(
         self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None
-    ) -> tuple[list[int], list[int]]:
+    ) -> list[int]:
         try:
-            ids, ends = encode_prompt_with_boundaries(self.tokenizer, messages, tools=tools)
+            return encode_prompt(self.tokenizer, messages, tools=tools)
         except ChatFormatError as exc:
             raise APIError(400, f"messages: {exc}", param="messages") from None
-        # The prompt's own end is left to the engine (it snapshots finished requests).
-        return ids, sorted({e for e in ends if e and e < len(ids)})
 
     def _encode_text(self, text: str, field: str) -> list[int]:
         try:
@@ -206,7 +207,7 @@ class Translator:
     def _request(
         self,
         ids: list[int],
-        snapshot_at: Sequence[int],
+        extra_snapshots: Sequence[int],
         max_tokens: int | None,
         sampling: SamplingParams,
         stop: Sequence[str],
@@ -218,7 +219,7 @@ class Translator:
             room = max(self.context - len(ids), 1)  # no room: the engine refuses the prompt
             max_tokens = room if max_tokens is None else min(max_tokens, room)
         try:
-            sampling.check()
+            sampling.check(self.vocab_size)
         except GraniteError as exc:
             raise APIError(400, str(exc)) from None
         return Request(
@@ -229,7 +230,7 @@ class Translator:
             logits_processors=tuple(processors),
             top_logprobs=top_logprobs,
             constraint=constraint,
-            snapshot_at=tuple(snapshot_at),
+            snapshot_at=sorted({*message_boundaries(self.tokenizer, ids), *extra_snapshots}),
         )
 
     def _openai_processors(self, body: Sampling) -> list:

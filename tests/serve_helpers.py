@@ -15,17 +15,13 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
-import engine_shim
-
-engine_shim.install()  # until the engine lands on main (deleted after the rebase)
-
 import mlx.core as mx
 import uvicorn
-from granite_mlx.engine import EngineThread
 from granite_mlx.serve import Server, Service, create_app
 from test_generate import EOS, real_vocab_folder
 
-from granite_mlx import load
+from granite_mlx import PromptCache, load
+from granite_mlx.engine import EngineThread
 
 MODEL_ID = "granite-tiny"
 
@@ -66,18 +62,22 @@ class LiveServer:
         max_queue: int = 64,
         api_key: str | None = None,
         engine: HookedEngine | None = None,
-        prompt_cache: Any = None,
+        prompt_cache_bytes: int = 256 * 2**20,
     ):
         model, tokenizer = server_model()
         self.own_engine = engine is None
         if engine is None:
             engine = HookedEngine(
-                EngineThread(model, tokenizer, max_batch=max_batch, prompt_cache=prompt_cache)
+                EngineThread(
+                    model,
+                    tokenizer,
+                    max_batch=max_batch,
+                    max_queue=max_queue,
+                    prompt_cache=PromptCache(prompt_cache_bytes),
+                )
             )
         self.engine = engine
-        self.service = Service(
-            engine, model, tokenizer, MODEL_ID, max_batch=max_batch, max_queue=max_queue
-        )
+        self.service = Service(engine, model, tokenizer, MODEL_ID)
         config = uvicorn.Config(
             create_app(self.service, api_key=api_key),
             lifespan="off",

@@ -554,20 +554,25 @@ def test_a_client_hanging_up_mid_stream_cancels_its_row(live, client):
 
 
 def test_a_full_queue_answers_503_with_retry_after():
-    server = LiveServer(max_batch=1, max_queue=0)
+    server = LiveServer(max_batch=1, max_queue=1)  # one running, one waiting
     try:
         steps = [0]
-        server.engine.add_to_next(count_steps(steps, delay=0.02))
         with httpx.Client(base_url=server.url, timeout=60) as http:
             body = {**GOOD, "max_tokens": 2000, "stream": True}
+            server.engine.add_to_next(count_steps(steps, delay=0.02))
             with http.stream("POST", "/v1/chat/completions", json=body) as running:
                 lines = running.iter_lines()  # kept: dropping it would close the connection
                 next(lines)
-                busy = http.post("/v1/chat/completions", json=GOOD)
-                assert busy.status_code == 503 and busy.headers["retry-after"].isdigit()
-                assert "busy" in busy.json()["error"]["message"]
-                busy = http.post("/api/chat", json={**GOOD, "stream": False})
-                assert busy.status_code == 503 and "busy" in busy.json()["error"]
+                wait_for(lambda: server.engine.engine.load == (1, 0))
+                server.engine.add_to_next(count_steps(steps, delay=0.02))
+                with http.stream("POST", "/api/chat", json=body) as waiting:
+                    wait_for(lambda: server.engine.engine.load == (1, 1))
+                    busy = http.post("/v1/chat/completions", json=GOOD)
+                    assert busy.status_code == 503 and busy.headers["retry-after"].isdigit()
+                    assert "busy" in busy.json()["error"]["message"]
+                    busy = http.post("/api/chat", json={**GOOD, "stream": False})
+                    assert busy.status_code == 503 and "busy" in busy.json()["error"]
+                    assert waiting.status_code == 200
             wait_for(lambda: not server.service.flights)
             assert http.post("/v1/chat/completions", json=GOOD).status_code == 200
     finally:
