@@ -883,6 +883,10 @@ class EngineThread:
                 if not self._handle(message):
                     self._stopped.set()
                     self._fail_all(EngineShutdown("The engine is shutting down."), queued=True)
+                    # A thread must destroy its own MLX streams before the process exits,
+                    # or the exit may abort ("terminate called without an active exception").
+                    mx.synchronize()
+                    mx.clear_streams()
                     return
                 try:
                     message = self._inbox.get_nowait()

@@ -13,8 +13,13 @@ ones, so uvicorn's wait for open connections never hangs on a long generation.
 
 from __future__ import annotations
 
+import contextlib
 import hmac
 import logging
+import signal
+import threading
+import time
+from collections.abc import Iterator
 from typing import Any
 
 import uvicorn
@@ -23,7 +28,7 @@ from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from . import ollama_api, openai_api
 from .errors import APIError
@@ -76,6 +81,39 @@ async def _unexpected(request: Request, exc: Exception) -> Response:
     return error_response(request.url.path, err)
 
 
+class RequestLog:
+    """ASGI middleware: one log line per request (status, time, and for answers the
+    prompt, cached and generated tokens, time to first token, finish reason)."""
+
+    def __init__(self, app: ASGIApp):
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        start = time.perf_counter()
+        status = 0
+
+        async def sending(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, sending)
+        finally:
+            flight = scope.get("state", {}).get("flight")
+            log.info(
+                "%s %s %s %.2fs%s",
+                scope["method"],
+                scope["path"],
+                status or "-",
+                time.perf_counter() - start,
+                f" {flight.answer.summary()}" if flight is not None else "",
+            )
+
+
 class APIKey:
     """ASGI middleware: every route but the liveness checks needs ``Authorization: Bearer KEY``."""
 
@@ -113,7 +151,9 @@ async def _health(request: Request) -> Response:
     )
 
 
-def create_app(service: Service, api_key: str | None = None) -> Starlette:
+def create_app(
+    service: Service, api_key: str | None = None, log_requests: bool = False
+) -> Starlette:
     """The ASGI app serving ``service``'s model on both APIs."""
     routes = [
         Route("/", _root, methods=["GET", "HEAD"]),
@@ -139,6 +179,8 @@ def create_app(service: Service, api_key: str | None = None) -> Starlette:
     app.state.service = service
     if api_key:
         app.add_middleware(APIKey, key=api_key)
+    if log_requests:
+        app.add_middleware(RequestLog)  # added last: outermost, so refused requests log too
     return app
 
 
@@ -148,6 +190,24 @@ class Server(uvicorn.Server):
     def __init__(self, config: uvicorn.Config, service: Service):
         super().__init__(config)
         self.service = service
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        """Ctrl+C and SIGTERM start the shutdown (a second Ctrl+C forces it).
+
+        Unlike uvicorn's own, the signal is not raised again once the server stopped:
+        the command still has its engine to stop and its exit status to give.
+        """
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+        signals = (signal.SIGINT, signal.SIGTERM)
+        previous = {sig: signal.signal(sig, self.handle_exit) for sig in signals}
+        try:
+            yield
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
 
     async def shutdown(self, sockets: Any = None) -> None:
         await self.service.drain()

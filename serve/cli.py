@@ -149,6 +149,8 @@ def banner(model_id: str, host: str, port: int, api_key: str | None) -> str:
 
 
 def serve(args: argparse.Namespace) -> int:
+    import mlx.core as mx
+
     from granite_mlx.engine import EngineThread
     from granite_mlx.generate import load
     from granite_mlx.prompt_cache import PromptCache
@@ -175,9 +177,8 @@ def serve(args: argparse.Namespace) -> int:
                 model,
                 tokenizer,
                 model_id,
-                log_requests=args.log_requests,
             )
-            app = create_app(service, api_key=args.api_key)
+            app = create_app(service, api_key=args.api_key, log_requests=args.log_requests)
             if args.log_requests:
                 handler = logging.StreamHandler(sys.stderr)
                 handler.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
@@ -197,6 +198,7 @@ def serve(args: argparse.Namespace) -> int:
             engine.shutdown()
     finally:
         sock.close()
+    mx.clear_streams()  # this thread's (the load's), before the interpreter exits
     print("Stopped.", file=sys.stderr)
     return 0
 

@@ -90,7 +90,7 @@ async def chat(request: Request) -> Response:
             }
         )
     job = await translate(service.translator.ollama_chat, body)
-    flight = service.submit(job, "/api/chat")
+    flight = service.submit(job, "/api/chat", request.state)
     if body.stream:
         return EngineResponse(
             _chat_stream(service, flight, head), service, flight, "application/x-ndjson"
@@ -154,7 +154,7 @@ async def generate(request: Request) -> Response:
             {**head, "created_at": _now(), "response": "", "done_reason": "load", "done": True}
         )
     job = await translate(service.translator.ollama_generate, body)
-    flight = service.submit(job, "/api/generate")
+    flight = service.submit(job, "/api/generate", request.state)
     if body.stream:
         return EngineResponse(
             _generate_stream(service, flight, head), service, flight, "application/x-ndjson"

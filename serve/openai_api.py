@@ -71,7 +71,7 @@ async def chat_completions(request: Request) -> Response:
     body = await parse_body(request, ChatCompletionRequest)
     service.check_model(body.model)
     job = await translate(service.translator.chat, body)
-    flight = service.submit(job, "/v1/chat/completions")
+    flight = service.submit(job, "/v1/chat/completions", request.state)
     meta = {
         "id": "chatcmpl-" + uuid.uuid4().hex[:24],
         "created": int(time.time()),
@@ -182,7 +182,7 @@ async def completions(request: Request) -> Response:
     body = await parse_body(request, CompletionRequest)
     service.check_model(body.model)
     job = await translate(service.translator.completion, body)
-    flight = service.submit(job, "/v1/completions")
+    flight = service.submit(job, "/v1/completions", request.state)
     meta = {
         "id": "cmpl-" + uuid.uuid4().hex[:24],
         "object": "text_completion",

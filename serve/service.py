@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import logging
 import math
 import time
 from collections.abc import AsyncIterator
@@ -28,8 +27,6 @@ from granite_mlx.errors import GraniteError, PromptTooLongError
 
 from .errors import APIError
 from .translate import Job, Translator
-
-log = logging.getLogger("granite_mlx.serve")
 
 SHUTTING_DOWN = "the server is shutting down"
 
@@ -158,6 +155,15 @@ class Answer:
     def ttft(self) -> float | None:
         return None if self.first is None else self.first - self.start
 
+    def summary(self) -> str:
+        """One line for the request log."""
+        ttft = self.ttft()
+        return (
+            f"prompt={len(self.job.prompt_ids)} cached={self.cached_tokens} "
+            f"generated={self.generated} ttft={'-' if ttft is None else f'{ttft:.2f}s'} "
+            f"finish={self.finish or 'hung up'}"
+        )
+
 
 def _finite(x: float | None) -> float:
     """JSON has no -inf: a token the mask ruled out reports the most negative float."""
@@ -175,8 +181,6 @@ class Service:
         model: Any,
         tokenizer: Any,
         model_id: str,
-        *,
-        log_requests: bool = False,
     ):
         self.engine = engine
         self.model = model
@@ -184,7 +188,6 @@ class Service:
         self.translator = Translator(model, tokenizer)
         self.model_id = model_id
         self.created = int(time.time())
-        self.log_requests = log_requests
         self.eos = set(tokenizer.eos_token_ids)
         self.flights: set[Flight] = set()
         self.closing = False
@@ -228,8 +231,11 @@ class Service:
 
     # --- flights ------------------------------------------------------------------
 
-    def submit(self, job: Job, route: str) -> Flight:
-        """Hand a job to the engine; raises APIError for a full queue or a refused prompt."""
+    def submit(self, job: Job, route: str, state: Any = None) -> Flight:
+        """Hand a job to the engine; raises APIError for a full queue or a refused prompt.
+
+        ``state`` (the request's Starlette state) gets the flight, for the request log.
+        """
         if self.closing:
             raise APIError(503, SHUTTING_DOWN, headers={"Retry-After": "5"})
         try:
@@ -251,27 +257,15 @@ class Service:
             raise APIError(400, str(exc)) from None
         flight = Flight(stream, job, route)
         self.flights.add(flight)
+        if state is not None:
+            state.flight = flight
         return flight
 
-    def release(self, flight: Flight, status: int = 200) -> None:
+    def release(self, flight: Flight) -> None:
         """The route is done with a flight: stop the engine row if it still runs."""
         if not flight.finished:
             flight.stream.cancel()
         self.flights.discard(flight)
-        if self.log_requests:
-            a = flight.answer
-            ttft = a.ttft()
-            log.info(
-                "%s %d prompt=%d cached=%d generated=%d ttft=%s total=%.2fs finish=%s",
-                flight.route,
-                status,
-                len(flight.job.prompt_ids),
-                a.cached_tokens,
-                a.generated,
-                f"{ttft:.2f}s" if ttft is not None else "-",
-                time.perf_counter() - a.start,
-                a.finish or ("hung up" if not flight.finished else "-"),
-            )
 
     async def drain(self, timeout: float = 10.0) -> None:
         """Refuse new requests and end the running ones (each ends with an error)."""

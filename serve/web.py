@@ -95,7 +95,7 @@ async def collect(request: Request, service: Service, flight: Flight) -> Answer 
             async for r in flight.responses():
                 service.add(flight, r)
     finally:
-        service.release(flight, 499 if not flight.finished else 200)
+        service.release(flight)
     return None if scope.cancel_called and not flight.finished else flight.answer
 
 

@@ -156,6 +156,9 @@ def test_logprobs_are_the_sampled_tokens(client):
     for entry, r in zip(entries, shown):
         assert entry.logprob == pytest.approx(r.logprob, abs=1e-4)
         assert bytes(entry.bytes).decode("utf-8", "replace") == entry.token
+        # Greedy: the sampled token is the most likely one, listed first.
+        assert len(entry.top_logprobs) == 2 and entry.top_logprobs[0].token == entry.token
+        assert entry.top_logprobs[0].logprob >= entry.top_logprobs[1].logprob
     assert b"".join(bytes(e.bytes) for e in entries).decode() == tokenizer.decode(
         [r.token for r in shown]
     )
@@ -267,6 +270,57 @@ def test_growing_conversation_reuses_the_cache_and_stays_exact(client):
         cached.append(out.usage.prompt_tokens_details.cached_tokens)
         messages.append({"role": "assistant", "content": expected})
     assert all(c > 0 for c in cached[1:]), cached
+
+
+def test_what_chat_apps_and_agents_resend_reuses_the_cache_and_stays_exact(client):
+    """Regenerate, edit the last question, a new chat over the same system prompt, an
+    agent rewriting its last tool result: none extends an earlier request, yet each
+    resumes from a message boundary the server asked the engine to snapshot."""
+    _, tokenizer = real_vocab()
+    system = {"role": "system", "content": "You answer questions about the attached report. " * 6}
+    chat = [system, {"role": "user", "content": "First question?"}]
+    first = client.chat.completions.create(
+        model=MODEL_ID, messages=chat, max_tokens=4, temperature=0
+    )
+    chat += [
+        {"role": "assistant", "content": first.choices[0].message.content},
+        {"role": "user", "content": "Second question?"},
+    ]
+    client.chat.completions.create(model=MODEL_ID, messages=chat, max_tokens=4, temperature=0)
+    call = {
+        "id": "call_1",
+        "type": "function",
+        "function": {"name": "get_weather", "arguments": '{"city": "Oslo"}'},
+    }
+    agent = [
+        system,
+        {"role": "user", "content": "Weather?"},
+        {"role": "assistant", "content": None, "tool_calls": [call]},
+        {"role": "tool", "tool_call_id": "call_1", "content": '{"temp_c": 3}'},
+    ]
+    client.chat.completions.create(
+        model=MODEL_ID, messages=agent, tools=TOOLS, max_tokens=4, temperature=0
+    )
+    # name: (messages, tools, how many leading messages the cache must cover)
+    cases = {
+        "regenerate": (chat, None, len(chat)),
+        "edit": ([*chat[:-1], {"role": "user", "content": "Second question, again?"}], None, 3),
+        "new chat, same system prompt": ([system, {"role": "user", "content": "Hi?"}], None, 1),
+        "rewritten tool result": ([*agent[:-1], {**agent[-1], "content": "{}"}], TOOLS, 3),
+    }
+    for name, (messages, tools, kept) in cases.items():
+        expected, _, _ = library(messages, tools=tools, max_tokens=4)
+        options = {"tools": tools} if tools else {}
+        out = client.chat.completions.create(
+            model=MODEL_ID, messages=messages, max_tokens=4, temperature=0, **options
+        )
+        assert out.choices[0].message.content == expected, name
+        prompt = encode_prompt(tokenizer, messages, tools=tools)
+        covered = encode_prompt(
+            tokenizer, messages[:kept], tools=tools, add_generation_prompt=False
+        )
+        cached = out.usage.prompt_tokens_details.cached_tokens
+        assert len(covered) <= cached < len(prompt), (name, cached, len(covered), len(prompt))
 
 
 # --------------------------------------------------------------------------
