@@ -145,10 +145,7 @@ async def _root(request: Request) -> Response:
 
 async def _health(request: Request) -> Response:
     service: Service = request.app.state.service
-    return JSONResponse(
-        {"status": "shutting down" if service.closing else "ok"},
-        status_code=503 if service.closing else 200,
-    )
+    return JSONResponse(service.health(), status_code=503 if service.closing else 200)
 
 
 def create_app(

@@ -177,6 +177,7 @@ def serve(args: argparse.Namespace) -> int:
                 model,
                 tokenizer,
                 model_id,
+                prompt_cache=cache,
             )
             app = create_app(service, api_key=args.api_key, log_requests=args.log_requests)
             if args.log_requests:

@@ -181,8 +181,10 @@ class Service:
         model: Any,
         tokenizer: Any,
         model_id: str,
+        prompt_cache: Any = None,
     ):
         self.engine = engine
+        self.prompt_cache = prompt_cache
         self.model = model
         self.tokenizer = tokenizer
         self.translator = Translator(model, tokenizer)
@@ -228,6 +230,29 @@ class Service:
                 param=field,
                 code="model_not_found",
             )
+
+    def health(self) -> dict[str, Any]:
+        """What /health reports: requests in the engine, the prompt cache, MLX memory."""
+        import mlx.core as mx
+
+        running, waiting = self.engine.load
+        out: dict[str, Any] = {
+            "status": "shutting down" if self.closing else "ok",
+            "model": self.model_id,
+            "requests": {"running": running, "waiting": waiting, "open": len(self.flights)},
+            "memory_gb": {
+                "active": round(mx.get_active_memory() / 1e9, 4),
+                "cache": round(mx.get_cache_memory() / 1e9, 4),
+                "peak": round(mx.get_peak_memory() / 1e9, 4),
+            },
+        }
+        c = self.prompt_cache
+        if c is not None:
+            out["prompt_cache"] = {
+                "bytes": c.nbytes, "max_bytes": c.max_bytes, "hits": c.hits,
+                "misses": c.misses, "tokens_reused": c.tokens_reused, "evictions": c.evictions,
+            }  # fmt: skip
+        return out
 
     # --- flights ------------------------------------------------------------------
 

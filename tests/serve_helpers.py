@@ -27,8 +27,9 @@ MODEL_ID = "granite-tiny"
 
 
 class HookedEngine:
-    def __init__(self, engine: Any):
+    def __init__(self, engine: Any, cache: Any = None):
         self.engine = engine
+        self.cache = cache
         self.next_processors: list[Callable] = []
         self.requests: list[Any] = []
 
@@ -43,6 +44,10 @@ class HookedEngine:
             )
         self.requests.append(request)
         return self.engine.submit(request)
+
+    @property
+    def load(self) -> tuple[int, int]:
+        return self.engine.load
 
     def shutdown(self) -> None:
         self.engine.shutdown()
@@ -67,17 +72,15 @@ class LiveServer:
         model, tokenizer = server_model()
         self.own_engine = engine is None
         if engine is None:
+            cache = PromptCache(prompt_cache_bytes)
             engine = HookedEngine(
                 EngineThread(
-                    model,
-                    tokenizer,
-                    max_batch=max_batch,
-                    max_queue=max_queue,
-                    prompt_cache=PromptCache(prompt_cache_bytes),
-                )
+                    model, tokenizer, max_batch=max_batch, max_queue=max_queue, prompt_cache=cache
+                ),
+                cache,
             )
         self.engine = engine
-        self.service = Service(engine, model, tokenizer, MODEL_ID)
+        self.service = Service(engine, model, tokenizer, MODEL_ID, prompt_cache=engine.cache)
         config = uvicorn.Config(
             create_app(self.service, api_key=api_key),
             lifespan="off",

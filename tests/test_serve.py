@@ -216,7 +216,11 @@ def test_models_health_tags_show_version(live, client):
     assert [m.id for m in client.models.list().data] == [MODEL_ID]
     assert client.models.retrieve(MODEL_ID).id == MODEL_ID
     with httpx.Client(base_url=live.url) as http:
-        assert http.get("/health").json() == {"status": "ok"}
+        health = http.get("/health").json()
+        assert health["status"] == "ok" and health["model"] == MODEL_ID
+        assert health["requests"] == {"running": 0, "waiting": 0, "open": 0}
+        assert health["prompt_cache"]["max_bytes"] == 256 * 2**20
+        assert health["memory_gb"]["active"] > 0
         assert http.get("/").status_code == 200
         tags = http.get("/api/tags").json()["models"]
         assert [t["name"] for t in tags] == [MODEL_ID + ":latest"]
@@ -617,17 +621,17 @@ def test_a_full_queue_answers_503_with_retry_after():
             with http.stream("POST", "/v1/chat/completions", json=body) as running:
                 lines = running.iter_lines()  # kept: dropping it would close the connection
                 next(lines)
-                wait_for(lambda: server.engine.engine.load == (1, 0))
+                wait_for(lambda: server.engine.load == (1, 0))
                 server.engine.add_to_next(count_steps(steps, delay=0.02))
                 with http.stream("POST", "/api/chat", json=body) as waiting:
-                    wait_for(lambda: server.engine.engine.load == (1, 1))
+                    wait_for(lambda: server.engine.load == (1, 1))
                     busy = http.post("/v1/chat/completions", json=GOOD)
                     assert busy.status_code == 503 and busy.headers["retry-after"].isdigit()
                     assert "busy" in busy.json()["error"]["message"]
                     busy = http.post("/api/chat", json={**GOOD, "stream": False})
                     assert busy.status_code == 503 and "busy" in busy.json()["error"]
                     assert waiting.status_code == 200
-            wait_for(lambda: not server.service.flights)
+            wait_for(lambda: not server.service.flights and server.engine.load == (0, 0))
             assert http.post("/v1/chat/completions", json=GOOD).status_code == 200
     finally:
         server.stop()
