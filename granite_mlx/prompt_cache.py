@@ -64,8 +64,11 @@ def _common(edge: list[int], ids: Sequence[int], start: int) -> int:
 
 
 def _copy(a: mx.array) -> mx.array:
-    # A contiguous copy: a view would keep the whole source buffer alive.
-    return mx.contiguous(a)
+    # A copy with a buffer of its own: a view would keep its whole source buffer alive
+    # (a prefill chunk's conv input, a split edge) while the budget counts only the view.
+    # Not mx.contiguous: it hands back a view that is already contiguous (the last
+    # columns of a conv window) as is. Multiplying by one keeps every bit, -0.0 too.
+    return a * 1
 
 
 class PromptCache:

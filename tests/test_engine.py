@@ -277,6 +277,26 @@ def test_prompt_cache_keeps_to_its_budget_dropping_the_least_recently_used():
     assert pc.lookup(ps[0], limit=len(ps[0]) - 1) is None
 
 
+def test_prompt_cache_holds_what_it_counts():
+    """Snapshots own their buffers: MLX's active memory grows by the prompt cache's
+    nbytes, not more (a snapshot that is a view keeps its whole source buffer alive,
+    e.g. a prefill chunk's conv input, and the byte budget would not see it)."""
+    import gc
+
+    model, tokenizer = tiny("hybrid_nope")
+    ps = prompts("hybrid_nope")
+    pc = PromptCache(2**30)
+    engine = Engine(model, tokenizer, prompt_cache=pc, prefill_step_size=4)
+    list(engine.generate(Request(ps[4], max_tokens=2)))  # warm up
+    gc.collect()
+    before, counted = mx.get_active_memory(), pc.nbytes
+    for p in (ps[0], ps[2], ps[3], ps[5]):
+        list(engine.generate(Request(p, max_tokens=3, snapshot_at=[3, 7, 11])))
+    gc.collect()
+    grown = mx.get_active_memory() - before
+    assert grown <= (pc.nbytes - counted) * 1.05 + 4096, (grown, pc.nbytes - counted)
+
+
 def test_cache_rows_merge_take_and_come_back_exactly():
     model, _ = tiny("hybrid_nope")
     ps = prompts("hybrid_nope")
