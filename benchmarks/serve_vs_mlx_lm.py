@@ -37,7 +37,6 @@ import json
 import math
 import os
 import platform
-import re
 import shutil
 import statistics
 import subprocess
@@ -51,16 +50,20 @@ import httpx
 import mlx.core as mx
 from convert_h350m import write_source  # the same random H-350M checkpoint writer
 
-TOOLS = [{
-    "type": "function",
-    "function": {
-        "name": "search_orders",
-        "description": "Find a customer's orders by status.",
-        "parameters": {"type": "object", "properties": {
-            "customer": {"type": "string"}, "status": {"type": "string"}},
-            "required": ["customer"]},
-    },
-}]  # fmt: skip
+TOOLS = [
+    {
+        "type": "function",
+        "function": {
+            "name": "search_orders",
+            "description": "Find a customer's orders by status.",
+            "parameters": {
+                "type": "object",
+                "properties": {"customer": {"type": "string"}, "status": {"type": "string"}},
+                "required": ["customer"],
+            },
+        },
+    }
+]
 WORDS = (
     "The warehouse report covers shipments, returns, staffing and the quarterly budget. "
     "Shipments rose in the north and fell in the south, returns were mostly damaged boxes, "
@@ -125,8 +128,12 @@ class Server:
                     if first is None and (piece or calls or choice.get("finish_reason")):
                         first = time.perf_counter() - start
                     text.append(piece)
-        return {"text": "".join(text), "ttft": first, "seconds": time.perf_counter() - start,
-                "usage": usage}  # fmt: skip
+        return {
+            "text": "".join(text),
+            "ttft": first,
+            "seconds": time.perf_counter() - start,
+            "usage": usage,
+        }
 
     def stop(self) -> None:
         self.proc.terminate()
@@ -172,16 +179,16 @@ def shared_prefix(servers: list[Server], repeats: int, answer: int, timed: int, 
             ]
             s.chat(chat, answer)
             held[s.name] = chat
+        edit = {"role": "user", "content": "And what about the staffing?"}
+        new = {"role": "user", "content": "Summarise the budget change."}
         cases = {
-            "regenerate": lambda name: held[name],
-            "edit": lambda name: [*held[name][:-1],
-                                  {"role": "user", "content": "And what about the staffing?"}],
-            "new chat": lambda name: [system, {"role": "user",
-                                               "content": "Summarise the budget change."}],
-        }  # fmt: skip
-        for case, messages_for in cases.items():
+            "regenerate": {n: h for n, h in held.items()},
+            "edit": {n: [*h[:-1], edit] for n, h in held.items()},
+            "new chat": {n: [system, new] for n in held},
+        }
+        for case, messages in cases.items():
             for s in servers:
-                out = s.chat(messages_for(s.name), timed)
+                out = s.chat(messages[s.name], timed)
                 results[s.name].setdefault(case, []).append(out["ttft"])
                 say(
                     f"  (a) repeat {r + 1} {case:<12} {s.name:<10} TTFT {out['ttft']:7.2f} s "
@@ -214,15 +221,16 @@ def shared_prefix(servers: list[Server], repeats: int, answer: int, timed: int, 
                 "content": json.dumps({"orders": [], "status": "none found"}),
             },
         ]
-        # fmt: skip
         for s in servers:
             s.chat(agent, answer, tools=TOOLS)
         for s in servers:
             out = s.chat(rewritten, timed, tools=TOOLS)
             results[s.name].setdefault("tool result", []).append(out["ttft"])
-            say(f"  (a) repeat {r + 1} {'tool result':<12} {s.name:<10} TTFT "
+            say(
+                f"  (a) repeat {r + 1} {'tool result':<12} {s.name:<10} TTFT "
                 f"{out['ttft']:7.2f} s (prompt {out['usage']['prompt_tokens'] if out['usage'] else '?'}"
-                " tokens)")  # fmt: skip
+                " tokens)"
+            )
     return results
 
 
@@ -230,16 +238,22 @@ def shared_prefix(servers: list[Server], repeats: int, answer: int, timed: int, 
 
 
 QUESTIONS = [
-    "What is the capital of France?", "How many people live there?",
-    "Name a museum there.", "What is it known for?", "How do I get there by train?",
-    "Is it open on Mondays?", "What else is nearby?", "Thanks, anything else?",
-]  # fmt: skip
+    "What is the capital of France?",
+    "How many people live there?",
+    "Name a museum there.",
+    "What is it known for?",
+    "How do I get there by train?",
+    "Is it open on Mondays?",
+    "What else is nearby?",
+    "Thanks, anything else?",
+]
 
 
 def append_only(servers: list[Server], turns: int, answer: int, say) -> dict:
     results = {s.name: [] for s in servers}
-    history = {s.name: [{"role": "system", "content": "You are a concise travel guide."}]
-               for s in servers}  # fmt: skip
+    history = {
+        s.name: [{"role": "system", "content": "You are a concise travel guide."}] for s in servers
+    }
     for t in range(turns):
         for s in servers:
             messages = history[s.name]
@@ -258,8 +272,13 @@ def concurrent(server: Server, clients: int, answer: int, say) -> dict:
     outs: list[dict | None] = [None] * clients
 
     def client(i: int) -> None:
-        messages = [{"role": "user", "content": f"Client {i}: write a short note about "
-                     f"{QUESTIONS[i % len(QUESTIONS)].lower()}"}]  # fmt: skip
+        messages = [
+            {
+                "role": "user",
+                "content": f"Client {i}: write a short note about "
+                f"{QUESTIONS[i % len(QUESTIONS)].lower()}",
+            }
+        ]
         outs[i] = server.chat(messages, answer)
 
     start = time.perf_counter()
@@ -271,9 +290,15 @@ def concurrent(server: Server, clients: int, answer: int, say) -> dict:
     wall = time.perf_counter() - start
     tokens = sum(o["usage"]["completion_tokens"] for o in outs)
     ttfts = [o["ttft"] for o in outs]
-    result = {"clients": clients, "wall_s": wall, "completion_tokens": tokens,
-              "aggregate_tok_s": tokens / wall, "ttft_p50": percentile(ttfts, 0.5),
-              "ttft_p95": percentile(ttfts, 0.95), "ttfts": ttfts}  # fmt: skip
+    result = {
+        "clients": clients,
+        "wall_s": wall,
+        "completion_tokens": tokens,
+        "aggregate_tok_s": tokens / wall,
+        "ttft_p50": percentile(ttfts, 0.5),
+        "ttft_p95": percentile(ttfts, 0.95),
+        "ttfts": ttfts,
+    }
     say(
         f"  (c) {server.name:<10} {clients} clients: {tokens} tokens in {wall:.1f} s = "
         f"{result['aggregate_tok_s']:.2f} tok/s, TTFT p50 {result['ttft_p50']:.1f} s, "
@@ -298,8 +323,13 @@ def plot(report: dict, path: str) -> None:
     cases = list(a["median_ttft"]["granite-mlx"])
     x = range(len(cases))
     for k, name in enumerate(names):
-        axes[0].bar([i + (k - 0.5) * 0.4 for i in x], [a["median_ttft"][name][c] for c in cases],
-                    0.4, label=name, color=colors[name])  # fmt: skip
+        axes[0].bar(
+            [i + (k - 0.5) * 0.4 for i in x],
+            [a["median_ttft"][name][c] for c in cases],
+            0.4,
+            label=name,
+            color=colors[name],
+        )
     axes[0].set_xticks(list(x), cases, rotation=15)
     axes[0].set_yscale("log")
     axes[0].set_ylabel("time to first token (s, log)")
@@ -316,8 +346,13 @@ def plot(report: dict, path: str) -> None:
     labels = ["aggregate tok/s", "TTFT p50 (s)", "TTFT p95 (s)"]
     keys = ["aggregate_tok_s", "ttft_p50", "ttft_p95"]
     for k, name in enumerate(names):
-        axes[2].bar([i + (k - 0.5) * 0.4 for i in range(3)], [c[name][key] for key in keys], 0.4,
-                    label=name, color=colors[name])  # fmt: skip
+        axes[2].bar(
+            [i + (k - 0.5) * 0.4 for i in range(3)],
+            [c[name][key] for key in keys],
+            0.4,
+            label=name,
+            color=colors[name],
+        )
     axes[2].set_xticks(range(3), labels)
     axes[2].set_title(f"(c) {c['granite-mlx']['clients']} concurrent clients")
     axes[2].legend()
@@ -357,21 +392,53 @@ def main() -> int:
         (hf_home / "hub").mkdir(parents=True)  # mlx_lm.server's /v1/models needs it
         env = {**os.environ, "HF_HOME": str(hf_home), "HF_HUB_OFFLINE": "1"}
         ours_port, theirs_port = free_port(), free_port()
-        servers.append(Server(
-            "granite-mlx",
-            [sys.executable, "-m", "granite_mlx.serve", "--model", str(folder),
-             "--port", str(ours_port), "--max-batch", str(a.clients)],
-            ours_port, folder.name, env,
-        ))  # fmt: skip
-        servers.append(Server(
-            "mlx-lm",
-            [sys.executable, "-m", "mlx_lm", "server", "--model", str(folder),
-             "--port", str(theirs_port), "--temp", "0",
-             "--decode-concurrency", str(a.clients), "--log-level", "WARNING"],
-            theirs_port, "default_model", env,
-        ))  # fmt: skip
-        title = (f"H-350M shape, random bf16 weights, real tokenizer; {platform.machine()}, "
-                 f"mlx {mx.__version__}, {mx.default_device()}")  # fmt: skip
+        servers.append(
+            Server(
+                "granite-mlx",
+                [
+                    sys.executable,
+                    "-m",
+                    "granite_mlx.serve",
+                    "--model",
+                    str(folder),
+                    "--port",
+                    str(ours_port),
+                    "--max-batch",
+                    str(a.clients),
+                ],
+                ours_port,
+                folder.name,
+                env,
+            )
+        )
+        servers.append(
+            Server(
+                "mlx-lm",
+                [
+                    sys.executable,
+                    "-m",
+                    "mlx_lm",
+                    "server",
+                    "--model",
+                    str(folder),
+                    "--port",
+                    str(theirs_port),
+                    "--temp",
+                    "0",
+                    "--decode-concurrency",
+                    str(a.clients),
+                    "--log-level",
+                    "WARNING",
+                ],
+                theirs_port,
+                "default_model",
+                env,
+            )
+        )
+        title = (
+            f"H-350M shape, random bf16 weights, real tokenizer; {platform.machine()}, "
+            f"mlx {mx.__version__}, {mx.default_device()}"
+        )
         say(title)
         for s in servers:  # warm up (kernels, tokenizer)
             s.chat([{"role": "user", "content": "Hi"}], 2)
@@ -381,8 +448,13 @@ def main() -> int:
         med = {n: {c: statistics.median(v) for c, v in cases.items()} for n, cases in a_raw.items()}
         speedups = {c: med["mlx-lm"][c] / med["granite-mlx"][c] for c in med["granite-mlx"]}
         gm = geomean(list(speedups.values()))
-        say("  median TTFT (s)   " + "  ".join(f"{c}: {med['granite-mlx'][c]:.2f} vs "
-            f"{med['mlx-lm'][c]:.2f} ({speedups[c]:.1f}x)" for c in speedups))  # fmt: skip
+        say(
+            "  median TTFT (s)   "
+            + "  ".join(
+                f"{c}: {med['granite-mlx'][c]:.2f} vs {med['mlx-lm'][c]:.2f} ({speedups[c]:.1f}x)"
+                for c in speedups
+            )
+        )
         say(
             f"  geometric mean speed-up: {gm:.1f}x; slower anywhere: "
             f"{any(v < 1 for v in speedups.values())}"

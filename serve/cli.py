@@ -178,6 +178,7 @@ def serve(args: argparse.Namespace) -> int:
                 tokenizer,
                 model_id,
                 prompt_cache=cache,
+                aliases=(args.model,),
             )
             app = create_app(service, api_key=args.api_key, log_requests=args.log_requests)
             if args.log_requests:

@@ -182,6 +182,7 @@ class Service:
         tokenizer: Any,
         model_id: str,
         prompt_cache: Any = None,
+        aliases: tuple[str, ...] = (),
     ):
         self.engine = engine
         self.prompt_cache = prompt_cache
@@ -189,6 +190,7 @@ class Service:
         self.tokenizer = tokenizer
         self.translator = Translator(model, tokenizer)
         self.model_id = model_id
+        self.aliases = aliases  # other names clients may use (the --model argument as given)
         self.created = int(time.time())
         self.eos = set(tokenizer.eos_token_ids)
         self.flights: set[Flight] = set()
@@ -218,8 +220,10 @@ class Service:
         return hashlib.sha256(f"{self.model_id}@{self.created}".encode()).hexdigest()
 
     def names(self) -> set[str]:
-        base = self.model_id.rsplit("/", 1)[-1]
-        return {self.model_id, base, f"{self.model_id}:latest", f"{base}:latest"}
+        """The model names requests may use: the id, its last part, the aliases, each
+        also with Ollama's ":latest" tag."""
+        names = {self.model_id, self.model_id.rsplit("/", 1)[-1], *self.aliases}
+        return names | {f"{n}:latest" for n in names}
 
     def check_model(self, name: str, field: str = "model") -> None:
         if name not in self.names():

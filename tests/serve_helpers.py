@@ -68,6 +68,7 @@ class LiveServer:
         api_key: str | None = None,
         engine: HookedEngine | None = None,
         prompt_cache_bytes: int = 256 * 2**20,
+        model_id: str = MODEL_ID,
     ):
         model, tokenizer = server_model()
         self.own_engine = engine is None
@@ -80,7 +81,7 @@ class LiveServer:
                 cache,
             )
         self.engine = engine
-        self.service = Service(engine, model, tokenizer, MODEL_ID, prompt_cache=engine.cache)
+        self.service = Service(engine, model, tokenizer, model_id, prompt_cache=engine.cache)
         config = uvicorn.Config(
             create_app(self.service, api_key=api_key),
             lifespan="off",
