@@ -218,7 +218,7 @@ def main() -> int:
     ap.add_argument("--clients", type=int, default=32)
     ap.add_argument("--requests", type=int, default=200)
     ap.add_argument("--rounds", type=int, default=2)
-    ap.add_argument("--prompt-cache-gb", type=float, default=0.02)
+    ap.add_argument("--prompt-cache-gb", type=float, default=0.004)  # small: evictions happen
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--log", default=None, help="also write the report here")
     ap.add_argument("--json", default=None)
