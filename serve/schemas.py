@@ -237,6 +237,7 @@ class ChatCompletionRequest(Sampling):
     top_logprobs: int | None = Field(default=None, ge=0, le=20)
     tools: list[Tool] | None = None
     tool_choice: Any = None
+    parallel_tool_calls: bool | None = None
     response_format: ResponseFormat | None = None
 
     @field_validator("tool_choice", mode="before")

@@ -88,7 +88,13 @@ class Translator:
             body.stop,
             self._openai_processors(body),
             top,
-            self._constraint(fmt, tools, body.tool_choice, "response_format"),
+            self._constraint(
+                fmt,
+                tools,
+                body.tool_choice,
+                "response_format",
+                body.parallel_tool_calls is not False,
+            ),
         )
         return Job(request, ids, tools=bool(tools), logprobs=bool(body.logprobs), top_logprobs=top)
 
@@ -266,9 +272,16 @@ class Translator:
         tools: list | None,
         tool_choice: Any,
         field: str,
+        parallel_tool_calls: bool = True,
     ) -> Any:
+        """The structured-output constraint, or None when nothing is constrained.
+
+        Tools alone constrain nothing (the model writes calls freely and they are
+        parsed); a ``tool_choice`` constrains them: "auto" once a call has started,
+        "required" or a named function from the first token, "none" forbids calls.
+        """
         wants_format = response_format is not None and response_format["type"] != "text"
-        forces_tools = tools and tool_choice not in (None, "auto")
+        constrains_tools = bool(tools) and tool_choice is not None
         if build_constraint is None:
             if wants_format:
                 raise APIError(
@@ -277,19 +290,23 @@ class Translator:
                     "not supported yet by this server",
                     param=field,
                 )
-            if forces_tools:
+            if constrains_tools and tool_choice != "auto":
                 raise APIError(
                     400,
                     f"tool_choice: {tool_choice!r} is not supported yet by this server; use 'auto'",
                     param="tool_choice",
                 )
             return None
-        if not (wants_format or tools):
+        if not (wants_format or constrains_tools):
             return None
         try:
-            return build_constraint(self.tokenizer, response_format, tools, tool_choice)
+            return build_constraint(
+                self.tokenizer, response_format, tools, tool_choice,
+                parallel_tool_calls=parallel_tool_calls,
+            )  # fmt: skip
         except GraniteError as exc:
-            raise APIError(400, f"{field}: {exc}", param=field) from None
+            where = field if wants_format else "tools"
+            raise APIError(400, f"{where}: {exc}", param=where) from None
 
 
 # --------------------------------------------------------------------------

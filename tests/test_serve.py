@@ -419,6 +419,80 @@ def test_a_tool_call_without_tools_offered_stays_text(live, client):
 
 
 # --------------------------------------------------------------------------
+# Structured output (granite_mlx.constrain): a random model still answers in shape
+# --------------------------------------------------------------------------
+
+SCHEMA = {
+    "type": "object",
+    "properties": {
+        "city": {"type": "string", "maxLength": 12},
+        "days": {"type": "integer", "minimum": 1, "maximum": 30},
+    },
+    "required": ["city", "days"],
+    "additionalProperties": False,
+}
+
+
+def test_response_format_json_schema_is_obeyed(client):
+    pytest.importorskip("granite_mlx.constrain")
+    fmt = {"type": "json_schema", "json_schema": {"name": "trip", "schema": SCHEMA,
+                                                  "strict": True}}  # fmt: skip
+    out = client.chat.completions.create(model=MODEL_ID, messages=ask(0, "Plan a trip."),
+                                         response_format=fmt, temperature=0,
+                                         max_tokens=60)  # fmt: skip
+    data = json.loads(out.choices[0].message.content)
+    assert set(data) == {"city", "days"} and isinstance(data["days"], int)
+    assert out.choices[0].finish_reason == "stop"
+    streamed = client.chat.completions.create(model=MODEL_ID, messages=ask(0, "Plan a trip."),
+                                              response_format=fmt, temperature=0,
+                                              max_tokens=60, stream=True)  # fmt: skip
+    text = "".join(c.choices[0].delta.content or "" for c in streamed if c.choices)
+    assert json.loads(text) == data
+
+
+def test_tool_choice_forces_a_valid_call(client):
+    pytest.importorskip("granite_mlx.constrain")
+    for choice in ("required", {"type": "function", "function": {"name": "get_weather"}}):
+        out = client.chat.completions.create(model=MODEL_ID, messages=ask(0, "Weather?"),
+                                             tools=TOOLS, tool_choice=choice, temperature=0,
+                                             max_tokens=60)  # fmt: skip
+        (call, *_) = out.choices[0].message.tool_calls
+        assert call.function.name == "get_weather"
+        assert isinstance(json.loads(call.function.arguments)["city"], str)
+        assert out.choices[0].finish_reason == "tool_calls"
+    out = client.chat.completions.create(
+        model=MODEL_ID,
+        messages=ask(0, "Weather?"),
+        tools=TOOLS,
+        tool_choice="none",
+        temperature=0,
+        max_tokens=20,
+    )
+    assert out.choices[0].message.tool_calls is None
+
+
+def test_ollama_format_is_obeyed(live):
+    pytest.importorskip("granite_mlx.constrain")
+    with httpx.Client(base_url=live.url, timeout=60) as http:
+        body = {"model": MODEL_ID, "messages": ask(0, "Plan a trip."), "format": SCHEMA,
+                "stream": False, "options": {"temperature": 0, "num_predict": 60}}  # fmt: skip
+        out = http.post("/api/chat", json=body).json()
+        assert set(json.loads(out["message"]["content"])) == {"city", "days"}
+        body = {"model": MODEL_ID, "prompt": "Plan a trip.", "format": "json", "stream": False,
+                "options": {"temperature": 0, "num_predict": 60}}  # fmt: skip
+        out = http.post("/api/generate", json=body).json()
+        assert isinstance(json.loads(out["response"]), dict)
+
+
+def test_a_bad_schema_is_a_400_naming_it(live):
+    pytest.importorskip("granite_mlx.constrain")
+    bad = {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "objekt"}}}
+    with httpx.Client(base_url=live.url, timeout=60) as http:
+        r = http.post("/v1/chat/completions", json={**GOOD, "response_format": bad})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "response_format"
+
+
+# --------------------------------------------------------------------------
 # Bad requests: the right 4xx, and the server keeps serving
 # --------------------------------------------------------------------------
 
