@@ -15,6 +15,7 @@ import time
 import httpx
 import openai
 import pytest
+from granite_mlx.serve.schemas import OllamaGenerateRequest
 from serve_helpers import MODEL_ID, LiveServer, count_steps, ndjson, wait_for
 from test_generate import EOS, force, real_vocab
 
@@ -452,36 +453,41 @@ def test_response_format_json_schema_is_obeyed(client):
 
 def test_tool_choice_forces_a_valid_call(client):
     pytest.importorskip("granite_mlx.constrain")
+    # Short arguments: a random model fills a free string until max_tokens.
+    city = {"type": "string", "enum": ["Paris", "Oslo", "Lima"]}
+    parameters = {"type": "object", "properties": {"city": city}, "required": ["city"]}
+    tools = [{"type": "function", "function": {"name": "get_weather", "parameters": parameters}}]
     for choice in ("required", {"type": "function", "function": {"name": "get_weather"}}):
-        out = client.chat.completions.create(model=MODEL_ID, messages=ask(0, "Weather?"),
-                                             tools=TOOLS, tool_choice=choice, temperature=0,
-                                             max_tokens=60)  # fmt: skip
+        out = client.chat.completions.create(
+            model=MODEL_ID, messages=ask(0, "Weather?"), tools=tools, tool_choice=choice,
+            temperature=0, max_tokens=60,
+        )  # fmt: skip
         (call, *_) = out.choices[0].message.tool_calls
         assert call.function.name == "get_weather"
-        assert isinstance(json.loads(call.function.arguments)["city"], str)
+        assert json.loads(call.function.arguments)["city"] in city["enum"]
         assert out.choices[0].finish_reason == "tool_calls"
     out = client.chat.completions.create(
-        model=MODEL_ID,
-        messages=ask(0, "Weather?"),
-        tools=TOOLS,
-        tool_choice="none",
-        temperature=0,
-        max_tokens=20,
-    )
+        model=MODEL_ID, messages=ask(0, "Weather?"), tools=tools, tool_choice="none",
+        temperature=0, max_tokens=20,
+    )  # fmt: skip
     assert out.choices[0].message.tool_calls is None
 
 
 def test_ollama_format_is_obeyed(live):
     pytest.importorskip("granite_mlx.constrain")
+    options = {"temperature": 0, "num_predict": 60}
     with httpx.Client(base_url=live.url, timeout=60) as http:
         body = {"model": MODEL_ID, "messages": ask(0, "Plan a trip."), "format": SCHEMA,
-                "stream": False, "options": {"temperature": 0, "num_predict": 60}}  # fmt: skip
+                "stream": False, "options": options}  # fmt: skip
         out = http.post("/api/chat", json=body).json()
         assert set(json.loads(out["message"]["content"])) == {"city", "days"}
-        body = {"model": MODEL_ID, "prompt": "Plan a trip.", "format": "json", "stream": False,
-                "options": {"temperature": 0, "num_predict": 60}}  # fmt: skip
+        body = {"model": MODEL_ID, "prompt": "Plan a trip.", "format": SCHEMA, "stream": False,
+                "options": options}  # fmt: skip
         out = http.post("/api/generate", json=body).json()
-        assert isinstance(json.loads(out["response"]), dict)
+        assert set(json.loads(out["response"])) == {"city", "days"}
+    # "json" is OpenAI's json_object (any object: a random model may not close it soon).
+    json_body = OllamaGenerateRequest(model=MODEL_ID, prompt="x", format="json")
+    assert json_body.response_format() == {"type": "json_object"}
 
 
 def test_a_bad_schema_is_a_400_naming_it(live):
