@@ -16,6 +16,7 @@ import httpx
 import openai
 import pytest
 from granite_mlx.serve.schemas import OllamaGenerateRequest
+from granite_mlx.serve.translate import snapshot_points
 from serve_helpers import MODEL_ID, LiveServer, count_steps, ndjson, wait_for
 from test_generate import EOS, force, real_vocab
 
@@ -326,6 +327,25 @@ def test_what_chat_apps_and_agents_resend_reuses_the_cache_and_stays_exact(clien
         )
         cached = out.usage.prompt_tokens_details.cached_tokens
         assert len(covered) <= cached < len(prompt), (name, cached, len(covered), len(prompt))
+
+
+def test_snapshot_points_are_the_system_end_and_the_message_before_the_last():
+    _, tokenizer = real_vocab()
+    messages = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "One?"},
+        {"role": "assistant", "content": "Yes."},
+        {"role": "user", "content": "Two?"},
+        {"role": "assistant", "content": "No."},
+        {"role": "user", "content": "Three?"},
+    ]
+    ids = encode_prompt(tokenizer, messages)
+    ends = [len(encode_prompt(tokenizer, messages[:k], add_generation_prompt=False))
+            for k in range(1, len(messages) + 1)]  # fmt: skip
+    assert snapshot_points(tokenizer, ids) == [ends[0], ends[-2]]
+    assert snapshot_points(tokenizer, ids, extra=[7]) == [7, ends[0], ends[-2]]
+    plain = tokenizer.encode("no chat markup here", add_special_tokens=False)
+    assert snapshot_points(tokenizer, plain) == []
 
 
 # --------------------------------------------------------------------------
