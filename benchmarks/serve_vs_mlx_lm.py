@@ -8,7 +8,7 @@ request), so drift in the machine's load hits both alike. All answers are greedy
 
 (a) Time to first token for requests that share a prefix with earlier ones but do
     not extend them, which chat apps and agents send all the time. Per repeat, over
-    a fresh ~200-token system prompt (a document): a 2-turn chat is held, then
+    a fresh 161-token system prompt (a document): a 2-turn chat is held, then
     - regenerate: the last request again;
     - edit: the last question replaced;
     - new chat: the same system prompt, a new first question;
@@ -24,7 +24,7 @@ event with answer text (or the end of the answer).
 
 Sizing (CPU: ~10 tok/s prefill, ~3.5 tok/s decode for this shape): short answers
 (--answer 8 tokens held in the history, 2 tokens for the timed requests), two
-repeats of (a), one run of (b) and (c); about 15-25 minutes in all here.
+repeats of (a), one run of (b) and (c): 40 minutes here, on a shared machine (load 5-7).
 
     python benchmarks/serve_vs_mlx_lm.py [--repeats 2] [--answer 8] [--turns 6] \\
         [--clients 8] [--json out.json] [--plot out.png] [--log out.log]
@@ -72,7 +72,7 @@ WORDS = (
 
 
 def document(repeat: int) -> str:
-    """A ~200-token system prompt, different for each repeat (a new document)."""
+    """A 161-token system prompt, different for each repeat (a new document)."""
     return f"Report {repeat}. Answer questions about this report only. " + WORDS * 3
 
 

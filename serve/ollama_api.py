@@ -22,10 +22,9 @@ from starlette.responses import JSONResponse, Response
 
 from granite_mlx import __version__
 
-from .errors import APIError
 from .schemas import OllamaChatRequest, OllamaGenerateRequest, OllamaShowRequest
 from .service import Answer, Flight, Service
-from .web import EngineResponse, collect, parse_body, translate
+from .web import EngineResponse, parse_body, start, whole_answer
 
 # Ollama apps check the server's version before using newer endpoints (tools came in
 # 0.3, structured outputs in 0.5): report the API level this server implements.
@@ -62,13 +61,6 @@ def _ollama_calls(calls: list[Any]) -> list[dict[str, Any]]:
     return [{"function": {"name": c.name, "arguments": c.arguments}} for c in calls]
 
 
-def _failure(flight: Flight) -> APIError:
-    a = flight.answer
-    if a.finish == "cancelled":
-        return APIError(503, a.error or "cancelled", headers={"Retry-After": "5"})
-    return APIError(500, a.error or "generation failed")
-
-
 # --------------------------------------------------------------------------
 # /api/chat
 # --------------------------------------------------------------------------
@@ -89,17 +81,14 @@ async def chat(request: Request) -> Response:
                 "done": True,
             }
         )
-    job = await translate(service.translator.ollama_chat, body)
-    flight = service.submit(job, "/api/chat", request.state)
+    flight = await start(request, service.translator.ollama_chat, body)
     if body.stream:
         return EngineResponse(
             _chat_stream(service, flight, head), service, flight, "application/x-ndjson"
         )
-    answer = await collect(request, service, flight)
+    answer = await whole_answer(request, flight)
     if answer is None:
-        return Response(status_code=499)
-    if not answer.ok:
-        raise _failure(flight)
+        return Response(status_code=499)  # the client hung up: nobody reads this
     message: dict[str, Any] = {"role": "assistant", "content": answer.full_text()}
     if answer.calls:
         message["tool_calls"] = _ollama_calls(answer.calls)
@@ -125,7 +114,7 @@ async def _chat_stream(service: Service, flight: Flight, head: dict) -> AsyncIte
             yield _line({**head, "created_at": _now(), "message": message, "done": False})
     answer = flight.answer
     if not answer.ok:
-        yield _line({"error": answer.error or "generation failed"})
+        yield _line(answer.failure(service.closing).ollama())
         return
     yield _line(
         {
@@ -153,17 +142,14 @@ async def generate(request: Request) -> Response:
         return JSONResponse(
             {**head, "created_at": _now(), "response": "", "done_reason": "load", "done": True}
         )
-    job = await translate(service.translator.ollama_generate, body)
-    flight = service.submit(job, "/api/generate", request.state)
+    flight = await start(request, service.translator.ollama_generate, body)
     if body.stream:
         return EngineResponse(
             _generate_stream(service, flight, head), service, flight, "application/x-ndjson"
         )
-    answer = await collect(request, service, flight)
+    answer = await whole_answer(request, flight)
     if answer is None:
-        return Response(status_code=499)
-    if not answer.ok:
-        raise _failure(flight)
+        return Response(status_code=499)  # the client hung up: nobody reads this
     return JSONResponse(
         {
             **head,
@@ -189,7 +175,7 @@ async def _generate_stream(service: Service, flight: Flight, head: dict) -> Asyn
             yield _line({**head, "created_at": _now(), "response": step.text, "done": False})
     answer = flight.answer
     if not answer.ok:
-        yield _line({"error": answer.error or "generation failed"})
+        yield _line(answer.failure(service.closing).ollama())
         return
     yield _line(
         {

@@ -21,29 +21,13 @@ from typing import Any
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from .errors import APIError
 from .schemas import ChatCompletionRequest, CompletionRequest
 from .service import Flight, Service, Step
-from .web import EngineResponse, collect, parse_body, translate
+from .web import EngineResponse, parse_body, start, whole_answer
 
 
 def _sse(obj: Any) -> bytes:
     return b"data: " + json.dumps(obj, ensure_ascii=False).encode() + b"\n\n"
-
-
-def _error_event(answer_error: str | None) -> bytes:
-    err = APIError(503, answer_error or "generation failed")
-    return _sse(err.openai())
-
-
-def _failure(flight: Flight) -> APIError:
-    a = flight.answer
-    status = 503 if a.finish == "cancelled" else 500
-    return APIError(
-        status,
-        a.error or "generation failed",
-        headers={"Retry-After": "5"} if status == 503 else None,
-    )
 
 
 def _call_delta(index: int, call: Any) -> list[dict[str, Any]]:
@@ -70,8 +54,7 @@ async def chat_completions(request: Request) -> Response:
     service: Service = request.app.state.service
     body = await parse_body(request, ChatCompletionRequest)
     service.check_model(body.model)
-    job = await translate(service.translator.chat, body)
-    flight = service.submit(job, "/v1/chat/completions", request.state)
+    flight = await start(request, service.translator.chat, body)
     meta = {
         "id": "chatcmpl-" + uuid.uuid4().hex[:24],
         "created": int(time.time()),
@@ -82,11 +65,9 @@ async def chat_completions(request: Request) -> Response:
         events = _chat_stream(service, flight, meta, include_usage)
         return EngineResponse(events, service, flight, "text/event-stream")
 
-    answer = await collect(request, service, flight)
-    if answer is None:  # the client hung up
-        return Response(status_code=499)
-    if not answer.ok:
-        raise _failure(flight)
+    answer = await whole_answer(request, flight)
+    if answer is None:
+        return Response(status_code=499)  # the client hung up: nobody reads this
     text = answer.full_text()
     message: dict[str, Any] = {"role": "assistant", "content": text, "refusal": None}
     if answer.calls:
@@ -96,7 +77,7 @@ async def chat_completions(request: Request) -> Response:
     choice = {
         "index": 0,
         "message": message,
-        "logprobs": {"content": answer.logprobs, "refusal": None} if job.logprobs else None,
+        "logprobs": {"content": answer.logprobs, "refusal": None} if flight.job.logprobs else None,
         "finish_reason": answer.finish_reason(),
     }
     return JSONResponse(
@@ -140,7 +121,7 @@ async def _chat_stream(
             index += 1
     answer = flight.answer
     if not answer.ok:
-        yield _error_event(answer.error)
+        yield _sse(answer.failure(service.closing).openai())
         return
     yield chunk({}, finish=answer.finish_reason())
     if include_usage:
@@ -181,8 +162,7 @@ async def completions(request: Request) -> Response:
     service: Service = request.app.state.service
     body = await parse_body(request, CompletionRequest)
     service.check_model(body.model)
-    job = await translate(service.translator.completion, body)
-    flight = service.submit(job, "/v1/completions", request.state)
+    flight = await start(request, service.translator.completion, body)
     meta = {
         "id": "cmpl-" + uuid.uuid4().hex[:24],
         "object": "text_completion",
@@ -194,11 +174,10 @@ async def completions(request: Request) -> Response:
         events = _completion_stream(service, flight, meta, include_usage)
         return EngineResponse(events, service, flight, "text/event-stream")
 
-    answer = await collect(request, service, flight)
+    answer = await whole_answer(request, flight)
     if answer is None:
-        return Response(status_code=499)
-    if not answer.ok:
-        raise _failure(flight)
+        return Response(status_code=499)  # the client hung up: nobody reads this
+    job = flight.job
     choice = {
         "index": 0,
         "text": job.echo + answer.full_text(),
@@ -233,7 +212,7 @@ async def _completion_stream(
             yield chunk(step.text, logprobs=logprobs)
     answer = flight.answer
     if not answer.ok:
-        yield _error_event(answer.error)
+        yield _sse(answer.failure(service.closing).openai())
         return
     yield chunk("", finish=answer.finish_reason())
     if include_usage:

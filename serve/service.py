@@ -59,9 +59,12 @@ class Flight:
                 yield r
                 if self.finished:
                     return
-        except EngineShutdown as exc:
+        except GraniteError as exc:
+            # EngineShutdown, or a request the engine thread refused after submit's
+            # checks (a GenerationError: the request's fault, a 400).
             self.finished = True
             self.answer.error = str(exc)
+            self.answer.refused = not isinstance(exc, EngineShutdown)
             yield GenerationResponse("", None, None, "error")
 
 
@@ -86,6 +89,7 @@ class Answer:
         self.logprobs: list[dict[str, Any]] = []
         self.finish: str | None = None
         self.error: str | None = None
+        self.refused = False  # the engine refused the request (its fault, not the server's)
         self.cached_tokens = 0
         self.generated = 0
         self.start = time.perf_counter()
@@ -136,6 +140,15 @@ class Answer:
 
     def full_text(self) -> str:
         return "".join(self.text)
+
+    def failure(self, closing: bool) -> APIError:
+        """The error for an answer that did not finish: 400 if the engine refused the
+        request, 503 while the server stops, 500 when generation itself failed."""
+        if self.refused:
+            return APIError(400, self.error or "the engine refused the request")
+        if self.finish == "cancelled" or closing:
+            return APIError(503, self.error or SHUTTING_DOWN, headers={"Retry-After": "5"})
+        return APIError(500, self.error or "generation failed")
 
     def finish_reason(self) -> str:
         """OpenAI's finish_reason (Ollama's done_reason takes the same, but tool_calls)."""

@@ -24,6 +24,7 @@ from starlette.types import Receive, Scope, Send
 
 from .errors import APIError, from_validation
 from .service import Answer, Flight, Service
+from .translate import Job
 
 # A 128K-token prompt is about half a megabyte of text; anything far larger is a mistake.
 MAX_BODY_BYTES = 32 * 1024 * 1024
@@ -62,9 +63,22 @@ def _too_large() -> APIError:
     return APIError(413, f"the request body is larger than {MAX_BODY_BYTES // 2**20} MiB")
 
 
-async def translate(build: Callable[[Any], Any], body: Any) -> Any:
-    """Run a translation (template rendering, tokenization) off the event loop."""
-    return await run_in_threadpool(build, body)
+async def start(request: Request, build: Callable[[Any], Job], body: Any) -> Flight:
+    """Translate the body (template rendering, tokenization: off the event loop) and
+    hand the job to the engine."""
+    service: Service = request.app.state.service
+    job = await run_in_threadpool(build, body)
+    return service.submit(job, request.url.path, request.state)
+
+
+async def whole_answer(request: Request, flight: Flight) -> Answer | None:
+    """The finished answer, or None if the client hung up first (the row is then
+    cancelled); an APIError if the answer could not finish."""
+    service: Service = request.app.state.service
+    answer = await collect(request, service, flight)
+    if answer is not None and not answer.ok:
+        raise answer.failure(service.closing)
+    return answer
 
 
 @contextlib.contextmanager
