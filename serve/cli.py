@@ -19,6 +19,7 @@ from collections.abc import Sequence
 
 import uvicorn
 
+from granite_mlx.cli import ArgumentParser, finite_float, whole_number
 from granite_mlx.errors import GraniteError
 
 PROG = "granite-mlx serve"
@@ -30,15 +31,8 @@ class ServeError(GraniteError):
     """The server cannot start as asked."""
 
 
-class _Parser(argparse.ArgumentParser):
-    """argparse that raises, so a bad flag is one line and exit 1 like other user errors."""
-
-    def error(self, message: str):
-        raise ServeError(f"{message} (see `{PROG} --help`)")
-
-
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(
+    p = ArgumentParser(
         prog=PROG,
         description="Serve a Granite 4.0 model to OpenAI and Ollama clients "
         "(continuous batching, prompt reuse across requests).",
@@ -53,17 +47,19 @@ def build_parser() -> argparse.ArgumentParser:
         default="127.0.0.1",
         help="address to listen on (default 127.0.0.1: this machine only)",
     )
-    p.add_argument("--port", type=int, default=8080, help="port (default 8080)")
-    p.add_argument("--max-batch", type=int, default=8, help="requests decoded together (default 8)")
+    p.add_argument("--port", type=whole_number, default=8080, help="port (default 8080)")
+    p.add_argument(
+        "--max-batch", type=whole_number, default=8, help="requests decoded together (default 8)"
+    )
     p.add_argument(
         "--max-queue",
-        type=int,
+        type=whole_number,
         default=64,
         help="requests waiting beyond the batch before new ones get 503 (default 64)",
     )
     p.add_argument(
         "--prompt-cache-gb",
-        type=float,
+        type=finite_float,
         default=DEFAULT_PROMPT_CACHE_GB,
         help="memory for cached prompt prefixes, reused across requests "
         f"(default {DEFAULT_PROMPT_CACHE_GB:g}; 0 turns the cache off)",

@@ -85,6 +85,8 @@ def test_a_taken_port_is_one_line_and_exit_1(capsys):
     [
         (["--max-batch", "0"], "--max-batch"),
         (["--prompt-cache-gb", "-1"], "--prompt-cache-gb"),
+        (["--prompt-cache-gb", "nan"], "--prompt-cache-gb"),
+        (["--max-queue", "2.5"], "--max-queue"),
         (["--api-key", " "], "--api-key"),
         (["--port", "70000"], "--port"),
         (["--no-such-flag"], "--no-such-flag"),
