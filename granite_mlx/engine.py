@@ -916,14 +916,17 @@ class EngineThread:
         if kind == "stop":
             return False
         if kind == "add":
+            # Under the lock that submit counts under: between `_pending -= 1` and the
+            # engine's own queue growing, a submit would see one request too few
+            # waiting and let one more in past max_queue.
             with self._lock:
                 self._pending -= 1
-            try:
-                stream.rid = self.engine.add(stream.request)
-            except Exception as exc:  # noqa: BLE001 - checked at submit; the engine may differ
-                stream._push(exc)
-                stream._push(_END)
-                return True
+                try:
+                    stream.rid = self.engine.add(stream.request)
+                except Exception as exc:  # noqa: BLE001 - checked at submit; the engine may differ
+                    stream._push(exc)
+                    stream._push(_END)
+                    return True
             self._streams[stream.rid] = stream
             if stream.cancelled:  # cancelled before the engine saw it
                 self.engine.abort(stream.rid)

@@ -28,6 +28,7 @@ from granite_mlx.chat_format import (
     message_boundaries,
     render_prompt,
 )
+from granite_mlx.constrain import build_constraint
 from granite_mlx.engine import Request
 from granite_mlx.errors import GraniteError
 from granite_mlx.generate import encode_input
@@ -44,11 +45,6 @@ from .schemas import (
     OllamaOptions,
     Sampling,
 )
-
-try:
-    from granite_mlx.constrain import build_constraint
-except ImportError:  # the structured-output work is not on this branch yet
-    build_constraint = None
 
 
 @dataclass
@@ -281,23 +277,7 @@ class Translator:
         "required" or a named function from the first token, "none" forbids calls.
         """
         wants_format = response_format is not None and response_format["type"] != "text"
-        constrains_tools = bool(tools) and tool_choice is not None
-        if build_constraint is None:
-            if wants_format:
-                raise APIError(
-                    400,
-                    f"{field}: structured output ({response_format['type']}) is "
-                    "not supported yet by this server",
-                    param=field,
-                )
-            if constrains_tools and tool_choice != "auto":
-                raise APIError(
-                    400,
-                    f"tool_choice: {tool_choice!r} is not supported yet by this server; use 'auto'",
-                    param="tool_choice",
-                )
-            return None
-        if not (wants_format or constrains_tools):
+        if not (wants_format or (tools and tool_choice is not None)):
             return None
         try:
             return build_constraint(

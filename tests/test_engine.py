@@ -356,6 +356,55 @@ def test_bad_requests_are_refused_at_add(request_, match):
 # --------------------------------------------------------------------------
 
 
+def test_a_request_being_added_counts_as_waiting():
+    """max_queue holds while the engine thread is adding a request: a submit in that
+    moment must count it (it is neither still submitted nor already queued)."""
+    import time
+
+    model, tokenizer = tiny("hybrid_nope")
+    ps = prompts("hybrid_nope")
+    t = EngineThread(model, tokenizer, max_batch=1, max_queue=1)
+    try:
+
+        def slow(history, logits):  # keeps the first request running meanwhile
+            time.sleep(0.05)
+            return logits
+
+        running = t.submit(Request(ps[0], max_tokens=40, logits_processors=[slow]))
+        deadline = time.monotonic() + 10
+        while t.load != (1, 0) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        adding, release = threading.Event(), threading.Event()
+        real_add = t.engine.add
+
+        def slow_add(request):
+            adding.set()
+            release.wait(10)
+            return real_add(request)
+
+        t.engine.add = slow_add
+        queued = t.submit(Request(ps[1], max_tokens=2))  # the one place in the queue
+        assert adding.wait(10)
+        outcome = []
+
+        def third():
+            try:
+                outcome.append(t.submit(Request(ps[2], max_tokens=2)))
+            except QueueFullError as exc:
+                outcome.append(exc)
+
+        other = threading.Thread(target=third)
+        other.start()
+        other.join(0.3)
+        release.set()
+        other.join(10)
+        assert len(outcome) == 1 and isinstance(outcome[0], QueueFullError), outcome
+        running.cancel()
+        assert [r.finish_reason for r in queued][-1] == "length"
+    finally:
+        t.shutdown()
+
+
 def test_engine_thread_serves_threads_and_asyncio_and_stops_cleanly():
     model, tokenizer = tiny("hybrid_nope")
     ps = prompts("hybrid_nope")

@@ -455,7 +455,6 @@ SCHEMA = {
 
 
 def test_response_format_json_schema_is_obeyed(client):
-    pytest.importorskip("granite_mlx.constrain")
     fmt = {"type": "json_schema", "json_schema": {"name": "trip", "schema": SCHEMA,
                                                   "strict": True}}  # fmt: skip
     out = client.chat.completions.create(model=MODEL_ID, messages=ask(0, "Plan a trip."),
@@ -472,7 +471,6 @@ def test_response_format_json_schema_is_obeyed(client):
 
 
 def test_tool_choice_forces_a_valid_call(client):
-    pytest.importorskip("granite_mlx.constrain")
     # Short arguments: a random model fills a free string until max_tokens.
     city = {"type": "string", "enum": ["Paris", "Oslo", "Lima"]}
     parameters = {"type": "object", "properties": {"city": city}, "required": ["city"]}
@@ -494,7 +492,6 @@ def test_tool_choice_forces_a_valid_call(client):
 
 
 def test_ollama_format_is_obeyed(live):
-    pytest.importorskip("granite_mlx.constrain")
     options = {"temperature": 0, "num_predict": 60}
     with httpx.Client(base_url=live.url, timeout=60) as http:
         body = {"model": MODEL_ID, "messages": ask(0, "Plan a trip."), "format": SCHEMA,
@@ -511,7 +508,6 @@ def test_ollama_format_is_obeyed(live):
 
 
 def test_a_bad_schema_is_a_400_naming_it(live):
-    pytest.importorskip("granite_mlx.constrain")
     bad = {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "objekt"}}}
     with httpx.Client(base_url=live.url, timeout=60) as http:
         r = http.post("/v1/chat/completions", json={**GOOD, "response_format": bad})
