@@ -18,25 +18,11 @@ import pytest
 from granite_mlx.serve.schemas import OllamaGenerateRequest
 from granite_mlx.serve.translate import snapshot_points
 from serve_helpers import MODEL_ID, LiveServer, count_steps, ndjson, wait_for
+from structured_cases import TOOLS  # get_weather(city, unit)
 from test_generate import EOS, force, real_vocab
 
 from granite_mlx import stream_generate
 from granite_mlx.chat_format import encode_prompt
-
-TOOLS = [
-    {
-        "type": "function",
-        "function": {
-            "name": "get_weather",
-            "description": "Current weather in a city.",
-            "parameters": {
-                "type": "object",
-                "properties": {"city": {"type": "string"}},
-                "required": ["city"],
-            },
-        },
-    }
-]
 
 
 @pytest.fixture(scope="module")
@@ -296,7 +282,7 @@ def test_what_chat_apps_and_agents_resend_reuses_the_cache_and_stays_exact(clien
     call = {
         "id": "call_1",
         "type": "function",
-        "function": {"name": "get_weather", "arguments": '{"city": "Oslo"}'},
+        "function": {"name": "get_weather", "arguments": '{"city": "Oslo", "unit": "celsius"}'},
     }
     agent = [
         system,
@@ -353,7 +339,7 @@ def test_snapshot_points_are_the_system_end_and_the_message_before_the_last():
 # --------------------------------------------------------------------------
 
 
-def forced_call(tokenizer, name="get_weather", arguments='{"city": "Paris"}'):
+def forced_call(tokenizer, name="get_weather", arguments='{"city": "Paris", "unit": "celsius"}'):
     text = f'<tool_call>\n{{"name": "{name}", "arguments": {arguments}}}\n</tool_call>'
     return tokenizer.encode(text, add_special_tokens=False) + [EOS]
 
@@ -382,7 +368,7 @@ def test_tool_calls_round_trip(live, client, stream):
         (call,) = choice.message.tool_calls
         assert call.type == "function" and call.function.name == "get_weather"
         arguments, finish, call_id = call.function.arguments, choice.finish_reason, call.id
-    assert json.loads(arguments) == {"city": "Paris"} and finish == "tool_calls"
+    assert json.loads(arguments) == {"city": "Paris", "unit": "celsius"} and finish == "tool_calls"
 
     # The call goes back as the assistant turn, with the tool's result: the server
     # renders it exactly as the model wrote it, so the prompt extends the last one.
@@ -424,7 +410,7 @@ def test_ollama_tool_calls_come_back_as_objects(live):
         }
         out = http.post("/api/chat", json=body).json()
     assert out["message"]["tool_calls"] == [
-        {"function": {"name": "get_weather", "arguments": {"city": "Paris"}}}
+        {"function": {"name": "get_weather", "arguments": {"city": "Paris", "unit": "celsius"}}}
     ]
 
 
@@ -471,21 +457,18 @@ def test_response_format_json_schema_is_obeyed(client):
 
 
 def test_tool_choice_forces_a_valid_call(client):
-    # Short arguments: a random model fills a free string until max_tokens.
-    city = {"type": "string", "enum": ["Paris", "Oslo", "Lima"]}
-    parameters = {"type": "object", "properties": {"city": city}, "required": ["city"]}
-    tools = [{"type": "function", "function": {"name": "get_weather", "parameters": parameters}}]
     for choice in ("required", {"type": "function", "function": {"name": "get_weather"}}):
         out = client.chat.completions.create(
-            model=MODEL_ID, messages=ask(0, "Weather?"), tools=tools, tool_choice=choice,
+            model=MODEL_ID, messages=ask(0, "Weather?"), tools=TOOLS, tool_choice=choice,
             temperature=0, max_tokens=60,
         )  # fmt: skip
         (call, *_) = out.choices[0].message.tool_calls
-        assert call.function.name == "get_weather"
-        assert json.loads(call.function.arguments)["city"] in city["enum"]
+        arguments = json.loads(call.function.arguments)
+        assert call.function.name == "get_weather" and len(arguments["city"]) <= 10
+        assert arguments["unit"] in ("celsius", "fahrenheit")
         assert out.choices[0].finish_reason == "tool_calls"
     out = client.chat.completions.create(
-        model=MODEL_ID, messages=ask(0, "Weather?"), tools=tools, tool_choice="none",
+        model=MODEL_ID, messages=ask(0, "Weather?"), tools=TOOLS, tool_choice="none",
         temperature=0, max_tokens=20,
     )  # fmt: skip
     assert out.choices[0].message.tool_calls is None
