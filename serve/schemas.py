@@ -13,9 +13,9 @@ saying what the field accepts, rather than one error per union member.
 from __future__ import annotations
 
 import json
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
 
 
 class _Body(BaseModel):
@@ -44,6 +44,18 @@ def _stop_list(value: Any) -> list[str]:
             raise ValueError(f"at most 16 stop strings, got {len(value)}")
         return [s for s in value if s]
     raise ValueError("must be a string or a list of strings")
+
+
+StopList = Annotated[list[str], BeforeValidator(_stop_list)]
+
+
+def _no_suffix(value: Any) -> Any:
+    if value:
+        raise ValueError("is not supported (Granite has no fill-in-the-middle format)")
+    return value
+
+
+NoSuffix = Annotated[str | None, BeforeValidator(_no_suffix)]
 
 
 # --------------------------------------------------------------------------
@@ -98,17 +110,15 @@ def _text_content(value: Any) -> str | list[dict[str, str]] | None:
     return parts
 
 
+TextContent = Annotated[Any, BeforeValidator(_text_content)]
+
+
 class ChatMessage(_Body):
     role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: Any = None
+    content: TextContent = None
     name: str | None = None
     tool_calls: list[ToolCallIn] | None = None
     tool_call_id: str | None = None
-
-    @field_validator("content", mode="before")
-    @classmethod
-    def _content(cls, value: Any) -> Any:
-        return _text_content(value)
 
     @model_validator(mode="after")
     def _check(self) -> ChatMessage:
@@ -178,6 +188,9 @@ def _tool_choice(value: Any) -> Any:
     )
 
 
+ToolChoice = Annotated[Any, BeforeValidator(_tool_choice)]
+
+
 class StreamOptions(_Body):
     include_usage: bool = False
 
@@ -194,15 +207,10 @@ class Sampling(_Body):
     presence_penalty: float | None = Field(default=None, ge=-2, le=2)
     logit_bias: dict[str, float] | None = None
     seed: int | None = None
-    stop: list[str] = Field(default_factory=list)
+    stop: StopList = Field(default_factory=list)
     n: int | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
-
-    @field_validator("stop", mode="before")
-    @classmethod
-    def _stop(cls, value: Any) -> Any:
-        return _stop_list(value)
 
     @field_validator("logit_bias")
     @classmethod
@@ -236,14 +244,9 @@ class ChatCompletionRequest(Sampling):
     logprobs: bool | None = None
     top_logprobs: int | None = Field(default=None, ge=0, le=20)
     tools: list[Tool] | None = None
-    tool_choice: Any = None
+    tool_choice: ToolChoice = None
     parallel_tool_calls: bool | None = None
     response_format: ResponseFormat | None = None
-
-    @field_validator("tool_choice", mode="before")
-    @classmethod
-    def _choice(cls, value: Any) -> Any:
-        return _tool_choice(value)
 
     @model_validator(mode="after")
     def _consistent(self) -> ChatCompletionRequest:
@@ -270,7 +273,7 @@ class CompletionRequest(Sampling):
     logprobs: int | None = Field(default=None, ge=0, le=5)
     echo: bool = False
     best_of: int | None = None
-    suffix: str | None = None
+    suffix: NoSuffix = None
 
     @field_validator("prompt", mode="before")
     @classmethod
@@ -295,13 +298,6 @@ class CompletionRequest(Sampling):
             raise ValueError(f"only best_of=1 is supported, got {value}")
         return value
 
-    @field_validator("suffix")
-    @classmethod
-    def _no_suffix(cls, value: str | None) -> str | None:
-        if value:
-            raise ValueError("is not supported (Granite has no fill-in-the-middle format)")
-        return value
-
 
 # --------------------------------------------------------------------------
 # Ollama
@@ -314,17 +310,12 @@ class OllamaOptions(_Body):
     top_k: int | None = Field(default=None, ge=0)
     min_p: float | None = Field(default=None, ge=0, lt=1)
     num_predict: int | None = None  # -1 (or -2): no limit
-    stop: list[str] = Field(default_factory=list)
+    stop: StopList = Field(default_factory=list)
     seed: int | None = None
     repeat_penalty: float | None = Field(default=None, gt=0)
     repeat_last_n: int | None = Field(default=None, ge=0)
     presence_penalty: float | None = Field(default=None, ge=-2, le=2)
     frequency_penalty: float | None = Field(default=None, ge=-2, le=2)
-
-    @field_validator("stop", mode="before")
-    @classmethod
-    def _stop(cls, value: Any) -> Any:
-        return _stop_list(value)
 
     @field_validator("num_predict")
     @classmethod
@@ -349,17 +340,15 @@ def _no_images(value: Any) -> Any:
     return value
 
 
+NoImages = Annotated[Any, BeforeValidator(_no_images)]
+
+
 class OllamaMessage(_Body):
     role: Literal["system", "user", "assistant", "tool"]
     content: str = ""
-    images: Any = None
+    images: NoImages = None
     tool_calls: list[OllamaToolCall] | None = None
     tool_name: str | None = None
-
-    @field_validator("images", mode="before")
-    @classmethod
-    def _images(cls, value: Any) -> Any:
-        return _no_images(value)
 
 
 def _check_format(value: Any) -> Any:
@@ -368,16 +357,14 @@ def _check_format(value: Any) -> Any:
     raise ValueError("must be 'json' or a JSON Schema object")
 
 
+OllamaFormat = Annotated[Any, BeforeValidator(_check_format)]
+
+
 class _OllamaRequest(_Body):
     model: str
-    format: Any = None
+    format: OllamaFormat = None
     options: OllamaOptions = Field(default_factory=OllamaOptions)
     stream: bool = True
-
-    @field_validator("format", mode="before")
-    @classmethod
-    def _format(cls, value: Any) -> Any:
-        return _check_format(value)
 
     def response_format(self) -> dict[str, Any] | None:
         """``format`` in the OpenAI shape the library's structured output takes."""
@@ -396,23 +383,11 @@ class OllamaChatRequest(_OllamaRequest):
 class OllamaGenerateRequest(_OllamaRequest):
     prompt: str = ""
     system: str | None = None
-    suffix: str | None = None
+    suffix: NoSuffix = None
     template: str | None = None
     context: list[int] | None = None
     raw: bool = False
-    images: Any = None
-
-    @field_validator("images", mode="before")
-    @classmethod
-    def _images(cls, value: Any) -> Any:
-        return _no_images(value)
-
-    @field_validator("suffix")
-    @classmethod
-    def _no_suffix(cls, value: str | None) -> str | None:
-        if value:
-            raise ValueError("is not supported (Granite has no fill-in-the-middle format)")
-        return value
+    images: NoImages = None
 
     @field_validator("template")
     @classmethod
