@@ -24,11 +24,14 @@ from granite_mlx import __version__
 
 from .schemas import OllamaChatRequest, OllamaGenerateRequest, OllamaShowRequest
 from .service import Answer, Flight, Service
-from .web import EngineResponse, parse_body, start, whole_answer
+from .web import parse_body, respond, start
 
 # Ollama apps check the server's version before using newer endpoints (tools came in
 # 0.3, structured outputs in 0.5): report the API level this server implements.
 OLLAMA_API_VERSION = "0.6.0"
+
+
+NDJSON = "application/x-ndjson"
 
 
 def _now() -> str:
@@ -57,6 +60,18 @@ def _done_reason(answer: Answer) -> str:
     return "length" if answer.finish == "length" else "stop"
 
 
+def _done(answer: Answer, head: dict[str, Any], **fields: Any) -> dict[str, Any]:
+    """The last object of an answer: its fields, why it ended, the counts and durations."""
+    return {
+        **head,
+        "created_at": _now(),
+        **fields,
+        "done_reason": _done_reason(answer),
+        "done": True,
+        **_counts(answer),
+    }
+
+
 def _ollama_calls(calls: list[Any]) -> list[dict[str, Any]]:
     return [{"function": {"name": c.name, "arguments": c.arguments}} for c in calls]
 
@@ -82,26 +97,15 @@ async def chat(request: Request) -> Response:
             }
         )
     flight = await start(request, service.translator.ollama_chat, body)
-    if body.stream:
-        return EngineResponse(
-            _chat_stream(service, flight, head), service, flight, "application/x-ndjson"
-        )
-    answer = await whole_answer(request, flight)
-    if answer is None:
-        return Response(status_code=499)  # the client hung up: nobody reads this
+    stream = (lambda: _chat_stream(service, flight, head)) if body.stream else None
+    return await respond(request, flight, stream, NDJSON, lambda answer: _chat(answer, head))
+
+
+def _chat(answer: Answer, head: dict[str, Any]) -> dict[str, Any]:
     message: dict[str, Any] = {"role": "assistant", "content": answer.full_text()}
     if answer.calls:
         message["tool_calls"] = _ollama_calls(answer.calls)
-    return JSONResponse(
-        {
-            **head,
-            "created_at": _now(),
-            "message": message,
-            "done_reason": _done_reason(answer),
-            "done": True,
-            **_counts(answer),
-        }
-    )
+    return _done(answer, head, message=message)
 
 
 async def _chat_stream(service: Service, flight: Flight, head: dict) -> AsyncIterator[bytes]:
@@ -116,16 +120,7 @@ async def _chat_stream(service: Service, flight: Flight, head: dict) -> AsyncIte
     if not answer.ok:
         yield _line(answer.failure(service.closing).ollama())
         return
-    yield _line(
-        {
-            **head,
-            "created_at": _now(),
-            "message": {"role": "assistant", "content": ""},
-            "done_reason": _done_reason(answer),
-            "done": True,
-            **_counts(answer),
-        }
-    )
+    yield _line(_done(answer, head, message={"role": "assistant", "content": ""}))
 
 
 # --------------------------------------------------------------------------
@@ -143,24 +138,12 @@ async def generate(request: Request) -> Response:
             {**head, "created_at": _now(), "response": "", "done_reason": "load", "done": True}
         )
     flight = await start(request, service.translator.ollama_generate, body)
-    if body.stream:
-        return EngineResponse(
-            _generate_stream(service, flight, head), service, flight, "application/x-ndjson"
-        )
-    answer = await whole_answer(request, flight)
-    if answer is None:
-        return Response(status_code=499)  # the client hung up: nobody reads this
-    return JSONResponse(
-        {
-            **head,
-            "created_at": _now(),
-            "response": answer.full_text(),
-            "done_reason": _done_reason(answer),
-            "done": True,
-            "context": _context(answer),
-            **_counts(answer),
-        }
-    )
+    stream = (lambda: _generate_stream(service, flight, head)) if body.stream else None
+    return await respond(request, flight, stream, NDJSON, lambda answer: _generated(answer, head))
+
+
+def _generated(answer: Answer, head: dict[str, Any]) -> dict[str, Any]:
+    return _done(answer, head, response=answer.full_text(), context=_context(answer))
 
 
 def _context(answer: Answer) -> list[int]:
@@ -177,17 +160,7 @@ async def _generate_stream(service: Service, flight: Flight, head: dict) -> Asyn
     if not answer.ok:
         yield _line(answer.failure(service.closing).ollama())
         return
-    yield _line(
-        {
-            **head,
-            "created_at": _now(),
-            "response": "",
-            "done_reason": _done_reason(answer),
-            "done": True,
-            "context": _context(answer),
-            **_counts(answer),
-        }
-    )
+    yield _line(_done(answer, head, response="", context=_context(answer)))
 
 
 # --------------------------------------------------------------------------

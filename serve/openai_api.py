@@ -22,8 +22,11 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from .schemas import ChatCompletionRequest, CompletionRequest
-from .service import Flight, Service, Step
-from .web import EngineResponse, parse_body, start, whole_answer
+from .service import Answer, Flight, Service, Step
+from .translate import Job
+from .web import parse_body, respond, start
+
+SSE = "text/event-stream"
 
 
 def _sse(obj: Any) -> bytes:
@@ -60,14 +63,14 @@ async def chat_completions(request: Request) -> Response:
         "created": int(time.time()),
         "model": body.model,
     }
-    if body.stream:
-        include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        events = _chat_stream(service, flight, meta, include_usage)
-        return EngineResponse(events, service, flight, "text/event-stream")
+    include_usage = bool(body.stream_options and body.stream_options.include_usage)
+    stream = (lambda: _chat_stream(service, flight, meta, include_usage)) if body.stream else None
+    return await respond(
+        request, flight, stream, SSE, lambda answer: _chat_completion(answer, meta, flight.job)
+    )
 
-    answer = await whole_answer(request, flight)
-    if answer is None:
-        return Response(status_code=499)  # the client hung up: nobody reads this
+
+def _chat_completion(answer: Answer, meta: dict[str, Any], job: Job) -> dict[str, Any]:
     text = answer.full_text()
     message: dict[str, Any] = {"role": "assistant", "content": text, "refusal": None}
     if answer.calls:
@@ -77,18 +80,16 @@ async def chat_completions(request: Request) -> Response:
     choice = {
         "index": 0,
         "message": message,
-        "logprobs": {"content": answer.logprobs, "refusal": None} if flight.job.logprobs else None,
+        "logprobs": {"content": answer.logprobs, "refusal": None} if job.logprobs else None,
         "finish_reason": answer.finish_reason(),
     }
-    return JSONResponse(
-        {
-            **meta,
-            "object": "chat.completion",
-            "choices": [choice],
-            "usage": answer.usage(),
-            "system_fingerprint": None,
-        }
-    )
+    return {
+        **meta,
+        "object": "chat.completion",
+        "choices": [choice],
+        "usage": answer.usage(),
+        "system_fingerprint": None,
+    }
 
 
 async def _chat_stream(
@@ -169,22 +170,23 @@ async def completions(request: Request) -> Response:
         "created": int(time.time()),
         "model": body.model,
     }
-    if body.stream:
-        include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        events = _completion_stream(service, flight, meta, include_usage)
-        return EngineResponse(events, service, flight, "text/event-stream")
+    include_usage = bool(body.stream_options and body.stream_options.include_usage)
+    stream = (
+        (lambda: _completion_stream(service, flight, meta, include_usage)) if body.stream else None
+    )
+    return await respond(
+        request, flight, stream, SSE, lambda answer: _completion(answer, meta, flight.job)
+    )
 
-    answer = await whole_answer(request, flight)
-    if answer is None:
-        return Response(status_code=499)  # the client hung up: nobody reads this
-    job = flight.job
+
+def _completion(answer: Answer, meta: dict[str, Any], job: Job) -> dict[str, Any]:
     choice = {
         "index": 0,
         "text": job.echo + answer.full_text(),
         "logprobs": _legacy_logprobs(answer.logprobs, len(job.echo)) if job.logprobs else None,
         "finish_reason": answer.finish_reason(),
     }
-    return JSONResponse({**meta, "choices": [choice], "usage": answer.usage()})
+    return {**meta, "choices": [choice], "usage": answer.usage()}
 
 
 async def _completion_stream(

@@ -19,7 +19,7 @@ import anyio
 from pydantic import BaseModel, ValidationError
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import ClientDisconnect, Request
-from starlette.responses import Response
+from starlette.responses import JSONResponse, Response
 from starlette.types import Receive, Scope, Send
 
 from .errors import APIError, from_validation
@@ -111,6 +111,22 @@ async def collect(request: Request, service: Service, flight: Flight) -> Answer 
     finally:
         service.release(flight)
     return None if scope.cancel_called and not flight.finished else flight.answer
+
+
+async def respond(
+    request: Request,
+    flight: Flight,
+    stream: Callable[[], AsyncIterator[bytes]] | None,
+    media_type: str,
+    whole: Callable[[Answer], dict[str, Any]],
+) -> Response:
+    """Stream the answer as ``stream()``'s events, or wait for it and send ``whole(answer)``."""
+    if stream is not None:
+        return EngineResponse(stream(), request.app.state.service, flight, media_type)
+    answer = await whole_answer(request, flight)
+    if answer is None:
+        return Response(status_code=499)  # the client hung up: nobody reads this
+    return JSONResponse(whole(answer))
 
 
 class EngineResponse(Response):
