@@ -7,7 +7,10 @@ Snapshots are cheap: a Mamba2 state has a fixed size and every update makes new
 arrays (the old ones are never written), so a snapshot keeps references; a
 KV snapshot is just the length, since positions before it are never rewritten.
 Only the attention part can be trimmed: a recurrent state cannot be rewound,
-which is what snapshots are for.
+which is what snapshots are for. The one exception is `rewind`, used by
+speculative decoding: a Mamba2 layer told to `record` keeps the inputs of its
+next multi-token call, from which the state after any of its positions follows
+exactly (`ssm.state_after`), so the last call can be partly undone.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from typing import Any
 
 import mlx.core as mx
 
+from . import ssm
 from .errors import CheckpointError
 
 _GROW = 256  # KV capacity grows in steps of this many positions
@@ -119,11 +123,34 @@ class MambaCache:
         self.left_padding = _padding(left_padding)
         self.left_max = 0 if left_padding is None else int(max(left_padding))
 
+        # Speculative verification: when `record` is set, the mixer keeps its next
+        # multi-token call's inputs here (a `StepRecord`), so `rewind` can undo part of it.
+        self.record = False
+        self.recorded: StepRecord | None = None
+
     def snapshot(self) -> tuple:
         return (self.conv_state, self.ssm_state, self.offset)
 
     def restore(self, snap: tuple) -> None:
         self.conv_state, self.ssm_state, self.offset = snap
+
+    def check_rewind(self, n: int) -> StepRecord:
+        """The record that lets this layer forget its last n tokens; raises if none does."""
+        rec = self.recorded
+        if rec is None or rec.current is not self.ssm_state:
+            raise ValueError("this Mamba2 layer has no record of its last call to rewind")
+        if not 0 <= self.offset - rec.start - n <= rec.length:
+            raise ValueError(f"cannot rewind {n} tokens: the last recorded call holds {rec.length}")
+        return rec
+
+    def rewind(self, n: int) -> None:
+        """Forget the last n tokens. They must lie within the last recorded call,
+        made right before (or rewound since): any other update voids the record."""
+        rec = self.check_rewind(n)
+        keep = self.offset - rec.start - n
+        self.conv_state, self.ssm_state = rec.states_after(keep)
+        self.offset = rec.start + keep
+        rec.current = self.ssm_state
 
     @property
     def arrays(self) -> dict[str, mx.array]:
@@ -134,6 +161,37 @@ class MambaCache:
 
     def set_arrays(self, arrays: dict[str, mx.array]) -> None:
         self.conv_state, self.ssm_state = arrays.get("conv_state"), arrays.get("ssm_state")
+
+
+class StepRecord:
+    """One multi-token call of a Mamba2 layer, enough to rebuild its state after
+    any of its positions.
+
+    window: (b, k-1+l, ch) the conv inputs, previous k-1 first; x: (b, l, h, p)
+    and B: (b, l, g, n) after the conv; dt: (b, l, h) discretized; A: (h,);
+    initial_state: (b, h, p, n) or None (zeros); final: the call's own
+    (conv_state, ssm_state), returned as is when nothing is dropped.
+    """
+
+    def __init__(self, start: int, window, x, dt, A, B, initial_state, final):
+        self.start, self.length = start, x.shape[1]
+        self.window, self.x, self.dt, self.A, self.B = window, x, dt, A, B
+        self.initial_state, self.final = initial_state, final
+        self.current = final[1]  # the state this record still describes
+
+    def states_after(self, keep: int) -> tuple[mx.array | None, mx.array | None]:
+        """(conv_state, ssm_state) after the first `keep` positions of the call."""
+        if keep == self.length:
+            return self.final
+        k1 = self.window.shape[1] - self.length  # k - 1
+        conv = self.window[:, keep : keep + k1]
+        if keep == 0:
+            return conv, self.initial_state
+        part = slice(0, keep)
+        state = ssm.state_after(
+            self.x[:, part], self.dt[:, part], self.A, self.B[:, part], self.initial_state
+        )
+        return conv, state
 
 
 Cache = list  # one KVCache or MambaCache per layer, as model.make_cache() builds it
@@ -183,6 +241,27 @@ def trim(cache: Cache, n: int) -> int:
     for c in cache:
         dropped = c.trim(n)
     return dropped
+
+
+def record(cache: Cache, on: bool = True) -> None:
+    """Have every Mamba2 layer keep the inputs of its next multi-token call (see `rewind`)."""
+    for c in cache:
+        if isinstance(c, MambaCache):
+            c.record = on
+
+
+def rewind(cache: Cache, n: int) -> None:
+    """Forget the last n tokens of every layer: attention trimmed, Mamba2 states
+    rebuilt from the record of the last call (made with `record` on). n may not
+    reach back past the start of that call."""
+    for c in cache:  # check every layer before changing any
+        if isinstance(c, MambaCache):
+            c.check_rewind(n)
+    for c in cache:
+        if isinstance(c, KVCache):
+            c.trim(n)
+        else:
+            c.rewind(n)
 
 
 def eval_cache(cache: Cache) -> None:

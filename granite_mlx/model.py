@@ -19,7 +19,7 @@ import mlx.core as mx
 from mlx import nn
 
 from . import ssm
-from .cache import Cache, KVCache, MambaCache
+from .cache import Cache, KVCache, MambaCache, StepRecord
 from .config import ModelArgs
 from .decode import CompiledDecoder
 
@@ -121,7 +121,7 @@ class Mamba2Mixer(nn.Module):
         z, xBC, dt = mx.split(self.in_proj(x), [self.d_inner, self.d_inner + self.conv_dim], axis=-1)
         A = -mx.exp(self.A_log.astype(mx.float32))
         conv_state = cache.conv_state if cache is not None else None
-        state = cache.ssm_state if cache is not None else None
+        state = initial_state = cache.ssm_state if cache is not None else None
         if pad_mask is not None:
             # Padding must not reach the conv window or the state (left-padded batches).
             xBC = mx.where(pad_mask[..., None], xBC, 0)  # where, not *: 0 * NaN is NaN
@@ -148,6 +148,11 @@ class Mamba2Mixer(nn.Module):
             state,
         )
         if cache is not None:
+            if cache.record:  # speculative verification may undo part of this call
+                cache.recorded = StepRecord(
+                    cache.offset, window, xs.reshape(b, l, self.n_heads, self.head_dim), dt, A,
+                    B.reshape(b, l, self.n_groups, self.d_state), initial_state, (conv_state, state),
+                )  # fmt: skip
             cache.conv_state, cache.ssm_state = conv_state, state
             cache.offset += l
         y = self.norm(y.reshape(b, l, self.d_inner), z)

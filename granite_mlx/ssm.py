@@ -151,6 +151,34 @@ def sequential_scan(
     return mx.stack(ys, axis=1), state
 
 
+def state_after(
+    x: mx.array,
+    dt: mx.array,
+    A: mx.array,
+    B: mx.array,
+    initial_state: mx.array | None = None,
+) -> mx.array:
+    """The state after the last of l positions, without their outputs y.
+
+    Closed form of l steps of the recurrence (step 3 of `ssd_chunked_scan`
+    plus the decayed initial state): one product of (p x l) by (l x n) per head.
+    Speculative decoding uses it to set the state after any verified position
+    from the inputs of one multi-token pass. Arguments as `ssd_chunked_scan`;
+    returns (b, h, p, n) float32.
+    """
+    b, l, h, p = x.shape
+    g, n = B.shape[-2:]
+    a_cum = mx.cumsum(dt * A, axis=1)  # (b,l,h)
+    w = dt * mx.exp(a_cum[:, -1:] - a_cum)  # (b,l,h): each input's weight at the end
+    xw = (x.astype(mx.float32) * w[..., None]).reshape(b, l, g, h // g, p)
+    xw = xw.transpose(0, 2, 3, 4, 1)  # (b,g,hg,p,l)
+    B = B.astype(mx.float32).transpose(0, 2, 1, 3)[:, :, None]  # (b,g,1,l,n)
+    state = (xw @ B).reshape(b, h, p, n)
+    if initial_state is not None:
+        state = state + mx.exp(a_cum[:, -1])[..., None, None] * initial_state
+    return state
+
+
 def ssm_update(
     state: mx.array, x: mx.array, dt: mx.array, A: mx.array, B: mx.array, C: mx.array, D: mx.array
 ) -> tuple[mx.array, mx.array]:
