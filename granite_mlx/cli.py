@@ -117,6 +117,9 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="SECONDS",
         help="with --parallel: stop when no step completes for this long (default 300)",
     )
+    from .speculative import add_cli_options
+
+    add_cli_options(gen)
     for name, (_, _, help_text) in _DELEGATED.items():
         commands.add_parser(name, help=help_text, add_help=False)
     return parser
@@ -262,8 +265,14 @@ def _generate_here(args: argparse.Namespace, text: str, watchdog=None) -> int:
     """Generate on this process; with --parallel every rank runs this in lockstep, the
     `watchdog` (granite_mlx.parallel.Watchdog) armed once the model is loaded."""
     from .generate import load, stream_generate
+    from .speculative import cli_drafting
 
+    if args.parallel is not None and (args.draft_model is not None or args.prompt_lookup):
+        raise GraniteError(
+            "--draft-model and --prompt-lookup do not work with --parallel yet; drop one."
+        )
     model_path = _check_against_config(args)
+    drafting = cli_drafting(args, dtype=args.dtype)  # bad flags fail before the model loads
     model, tokenizer = load(model_path, dtype=args.dtype, parallel=args.parallel)
     if args.raw:
         prompt = text
@@ -290,6 +299,7 @@ def _generate_here(args: argparse.Namespace, text: str, watchdog=None) -> int:
             seed=args.seed,
             stop=args.stop,
             allow_long_prompt=args.allow_long_prompt,
+            **drafting,
         ):
             shown = response.text + "".join(call.raw for call in response.tool_calls)
             if shown:
@@ -299,10 +309,17 @@ def _generate_here(args: argparse.Namespace, text: str, watchdog=None) -> int:
     out.write("\n")
     out.flush()
     if last is not None and leader:
+        drafted = ""
+        if drafting:
+            rate = last.accepted_tokens / max(last.drafted_tokens, 1)
+            drafted = (
+                f" | drafted: {last.drafted_tokens}, accepted: {last.accepted_tokens} "
+                f"({rate:.0%})"
+            )
         print(
             f"prompt: {last.prompt_tokens} tokens, {last.prompt_tps:.1f} tok/s | "
             f"generation: {last.generation_tokens} tokens, {last.generation_tps:.1f} tok/s | "
-            f"peak memory: {last.peak_memory:.3f} GB | finish: {last.finish_reason}",
+            f"peak memory: {last.peak_memory:.3f} GB | finish: {last.finish_reason}{drafted}",
             file=sys.stderr,
         )
     return 0

@@ -59,6 +59,7 @@ from . import cache as caches
 from .cache import Cache, KVCache, cache_length, eval_cache
 from .errors import GenerationError, GraniteError, PromptTooLongError
 from .sampling import LogitsProcessor, RowSampler, SamplingParams, build_processors
+from .speculative import Drafter, Speculator, check_num_draft_tokens
 from .text import TextAssembler
 from .tool_calls import ToolCall
 
@@ -106,6 +107,8 @@ class GenerationResponse:
     generation_tokens / generation_tps: tokens sampled so far and the decode rate.
     top_logprobs: the most likely tokens and their log-probabilities (when asked).
     peak_memory: MLX's peak memory so far, in GB.
+    drafted_tokens / accepted_tokens: speculative decoding, so far: tokens the
+        drafter proposed and how many of them the model accepted (and emitted).
     """
 
     text: str
@@ -120,6 +123,8 @@ class GenerationResponse:
     peak_memory: float = 0.0
     cached_tokens: int = 0
     top_logprobs: list[tuple[int, float]] | None = None
+    drafted_tokens: int = 0
+    accepted_tokens: int = 0
 
 
 class Constraint(Protocol):
@@ -150,6 +155,8 @@ class Request:
         any other name is reported invalid. None: names are not checked.
     top_logprobs: report that many most likely tokens per step (at most 20).
     prompt_progress: called as ``prompt_progress(processed, total)`` while prefilling.
+    drafter: speculative decoding (granite_mlx.speculative): the row then decodes on
+        its own, ``num_draft_tokens`` drafted tokens checked per model pass.
     """
 
     prompt: Sequence[int]
@@ -165,6 +172,8 @@ class Request:
     tools: Sequence[Any] | None = None
     allow_long_prompt: bool = False
     prompt_progress: Callable[[int, int], None] | None = None
+    drafter: Drafter | None = None
+    num_draft_tokens: int = 4
 
     def check(self, model) -> None:
         """Raise a GenerationError naming the first option that cannot be used."""
@@ -224,6 +233,19 @@ class Request:
                 )
         held = cache_length(self.cache) if self.cache is not None else 0
         check_length(model, held + len(prompt), held, self.allow_long_prompt)
+        if self.drafter is not None:
+            if not isinstance(self.drafter, Drafter):
+                raise GenerationError(
+                    "Request.drafter must be a granite_mlx.speculative.Drafter (DraftModel, "
+                    f"PromptLookup), not {type(self.drafter).__name__}."
+                )
+            if self.constraint is not None:
+                raise GenerationError(
+                    "Speculative decoding cannot be combined with a constraint (structured "
+                    "output): drop the drafter or the constraint."
+                )
+            check_num_draft_tokens(self.num_draft_tokens)
+            self.drafter.check(model, None)
 
 
 def check_length(model, total: int, cached: int, allow_long_prompt: bool) -> None:
@@ -298,6 +320,7 @@ class _Row:
         self.started = time.perf_counter()
         self.first_at: float | None = None
         self.prompt_tps = 0.0
+        self.speculator: Speculator | None = None  # with a drafter, once prefilled
 
     @property
     def pipelinable(self) -> bool:
@@ -337,6 +360,8 @@ class _Row:
             peak_memory=mx.get_peak_memory() / 1e9,
             cached_tokens=self.cached,
             top_logprobs=top,
+            drafted_tokens=self.speculator.drafted if self.speculator else 0,
+            accepted_tokens=self.speculator.accepted if self.speculator else 0,
         )
 
 
@@ -407,6 +432,7 @@ class Engine:
         self._prefilling: deque[_Row] = deque()
         self._ready: list[_Row] = []  # prefilled, joining the batch at the next decode
         self._batch: list[_Row] = []  # decoding, in the batch cache's row order
+        self._drafting: list[_Row] = []  # decoding speculatively, each on its own cache
         self._cache: Cache | None = None  # the batch's cache
         self._inflight: _Sampled | None = None  # next tokens of the batch rows, not yet read
         self._steps = 0
@@ -416,6 +442,8 @@ class Engine:
     def add(self, request: Request) -> int:
         """Queue a request; returns its id. Bad options raise here, not mid-stream."""
         request.check(self.model)
+        if request.drafter is not None:
+            request.drafter.check(self.model, self.tokenizer)  # the tokenizers too
         processors = build_processors(request.sampling, request.logits_processors)
         history = list(request.context or []) + list(request.prompt[:-1])
         sampler = RowSampler(request.sampling, processors, history)
@@ -477,6 +505,7 @@ class Engine:
         self._admit()
         self._prefill_chunk(events)
         self._decode(events)
+        self._speculate(events)
         self._steps += 1
         if self._steps % 256 == 0:
             mx.clear_cache()
@@ -504,6 +533,7 @@ class Engine:
 
     def _admit(self) -> None:
         running = len(self._batch) + len(self._ready) + len(self._prefilling)
+        running += len(self._drafting)
         while self._waiting and running < self.max_batch:
             row = self._waiting.popleft()
             self._open_cache(row)
@@ -546,7 +576,15 @@ class Engine:
             caches.allocate(row.cache, self.model)
             self._keep(row, row.cache)  # regenerating this answer costs one token
             row.last = row.ids[-1]
-            self._ready.append(row)
+            if row.request.drafter is None:
+                self._ready.append(row)
+            else:
+                known = row.ids if row.indexable else row.ids[row.cached :]
+                row.speculator = Speculator(
+                    self.model, row.cache, row.request.drafter, row.request.num_draft_tokens,
+                    row.sampler, context=known[:-1],
+                )  # fmt: skip
+                self._drafting.append(row)
 
     def _keep(self, row: _Row, cache: Cache) -> None:
         """Offer the row's cache (exact for row.ids[:its length]) to the prompt cache."""
@@ -555,6 +593,40 @@ class Engine:
         n = cache_length(cache)
         if n > 0:
             self.prompt_cache.insert(row.ids[:n], cache)
+
+    # --- speculative rows -----------------------------------------------------------------
+
+    def _speculate(self, events: list) -> None:
+        """One speculative step for each row with a drafter: 1..k+1 tokens each."""
+        for row in list(self._drafting):
+            if row.aborted:
+                self._retire_drafting(row)
+                self._finish(row, "cancelled", events)
+                continue
+            m = row.request.max_tokens
+            step = row.speculator.step(row.last, None if m is None else m - row.n)
+            n = row.request.top_logprobs
+            tops = None
+            if n:
+                best = mx.argpartition(-step.logprob_rows, kth=n - 1, axis=-1)[:, :n]
+                values = mx.take_along_axis(step.logprob_rows, best, axis=-1)
+                tops = [
+                    sorted(zip(ids, lps), key=lambda p: -p[1])
+                    for ids, lps in zip(best.tolist(), values.tolist())
+                ]
+            for i, (token, lp) in enumerate(zip(step.tokens, step.logprobs)):
+                if self._emit(row, token, lp, tops[i] if tops else None, events):
+                    # The answer ends inside this step: the cache keeps only its tokens.
+                    row.speculator.keep(i + 1)
+                    events[-1][1].accepted_tokens = row.speculator.accepted
+                    self._retire_drafting(row)
+                    break
+
+    def _retire_drafting(self, row: _Row) -> None:
+        row.speculator.close()
+        self._drafting.remove(row)
+        self._keep(row, row.cache)
+        self._rows.pop(row.rid, None)
 
     # --- decoding -------------------------------------------------------------------------
 

@@ -158,6 +158,9 @@ def make_request(
     allow_long_prompt: bool = False,
     logits_processors: Sequence[LogitsProcessor] | None = None,
     constraint: Constraint | None = None,
+    draft_model: Any = None,
+    num_draft_tokens: int = 4,
+    prompt_lookup: int | None = None,
 ) -> Request:
     """The engine `Request` for `stream_generate`'s options (see there); ``constraint``
     comes from `constrain.build_constraint` (response_format, tool_choice)."""
@@ -178,12 +181,15 @@ def make_request(
         repetition_penalty=repetition_penalty, repetition_context_size=repetition_context_size,
         seed=seed,
     )  # fmt: skip
+    from .speculative import make_drafter
+
+    drafter = make_drafter(draft_model, prompt_lookup)
     return Request(
         prompt=list(ids), max_tokens=max_tokens, sampling=sampling, stop=stop,
         logits_processors=list(logits_processors or ()), top_logprobs=top_logprobs, cache=cache,
         context=context, snapshot_at=list(snapshot_at), tools=tools,
         allow_long_prompt=allow_long_prompt, prompt_progress=prompt_progress,
-        constraint=constraint,
+        constraint=constraint, drafter=drafter, num_draft_tokens=prompt_lookup or num_draft_tokens,
     )  # fmt: skip
 
 
@@ -268,7 +274,18 @@ def stream_generate(
         cancel: a ``threading.Event``; once set, generation ends within one
             token with a final response whose finish_reason is "cancelled".
         allow_long_prompt: run prompts longer than max_position_embeddings.
-        logits_processors: extra ``f(history, logits) -> logits`` callables.
+        logits_processors: extra ``f(history, logits) -> logits`` callables
+            (with a drafter they must be pure functions of their arguments:
+            they also see drafted positions that may be rejected).
+        draft_model: speculative decoding with this draft model: a `Model`, a
+            ``(model, tokenizer)`` pair as `load` returns (the tokenizers are
+            then compared), a checkpoint folder or repo id, or a
+            `granite_mlx.speculative.Drafter`. Its vocabulary must be the
+            model's. Greedy output is unchanged; sampled output keeps its
+            distribution. Responses count ``drafted_tokens`` / ``accepted_tokens``.
+        num_draft_tokens: tokens drafted per step (1 to 64; default 4).
+        prompt_lookup: speculative decoding without a draft model: drafts of
+            this many tokens copied from earlier in the prompt and answer.
 
     Closing the iterator also stops generation. Errors in the prompt or the
     options raise `GenerationError` (or `PromptTooLongError`) at the call.

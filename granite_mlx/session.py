@@ -113,6 +113,7 @@ class ChatSession:
         self.prompt_cache = prompt_cache
         self._cache: Cache = model.make_cache()
         self._ids: list[int] = []  # the tokens the live cache has consumed
+        self._drafter: tuple | None = None  # (key, draft_model option, its Drafter)
 
     # --- the conversation ------------------------------------------------------------
 
@@ -199,7 +200,8 @@ class ChatSession:
             cache, context, prompt = self.model.make_cache(), [], ids
         request = make_request(
             prompt, cache=cache, context=context, tools=self.tools,
-            snapshot_at=message_boundaries(self.tokenizer, ids), constraint=constraint, **options,
+            snapshot_at=message_boundaries(self.tokenizer, ids), constraint=constraint,
+            **self._with_drafter(options),
         )  # fmt: skip
         stream = run_request(
             self.model, self.tokenizer, request, prompt_cache=self.prompt_cache, **engine_options
@@ -235,6 +237,27 @@ class ChatSession:
                 if last is not None:
                     self.last_prefill_tokens = last.prompt_tokens
                     self.last_cached_tokens = last.cached_tokens
+
+    def _with_drafter(self, options: dict[str, Any]) -> dict[str, Any]:
+        """The same draft model keeps one drafter, and so its cache, from turn to
+        turn: each turn it drafts after prefilling only what is new."""
+        draft = options.get("draft_model")
+        if draft is None:
+            return options
+        from .speculative import Drafter, make_drafter
+
+        if isinstance(draft, Drafter):
+            return options
+        if isinstance(draft, tuple):
+            key = ("model", id(draft[0]))
+        elif isinstance(draft, str | os.PathLike):
+            key = ("path", os.fspath(draft))
+        else:
+            key = ("model", id(draft))
+        if self._drafter is None or self._drafter[0] != key:
+            # The option is kept alongside, so the id in the key stays its own.
+            self._drafter = (key, draft, make_drafter(draft))
+        return {**options, "draft_model": self._drafter[2]}
 
     @staticmethod
     def _answer_message(text: str, calls: list) -> dict[str, Any]:
