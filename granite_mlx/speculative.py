@@ -107,7 +107,7 @@ def tokenizer_fingerprint(tokenizer: Any) -> str:
     if cached is not None:
         return cached
     inner = getattr(tokenizer, "_tokenizer", tokenizer)
-    vocab = sorted(inner.get_vocab().items(), key=lambda item: item[1])
+    vocab = sorted(inner.get_vocab().items())
     digest = hashlib.sha256(json.dumps(vocab, ensure_ascii=False).encode()).hexdigest()
     try:
         tokenizer._granite_fingerprint = digest
