@@ -26,6 +26,8 @@ One `step()`:
    rows aligned on the right with left padding); one forward pass over every
    row; per row: logits processors, constraint mask (computed on the host while
    the device runs the pass), sampling.
+   Rows with a drafter (speculative decoding) stay out of the batch: each runs one
+   speculative step on its own cache (`speculative.Speculator`), 1..k+1 tokens.
 4. Read the tokens, turn them into text (`text.TextAssembler`), end rows on EOS,
    a stop string, a finished constraint or max_tokens; retire ended rows (their
    final cache goes back to the caller's cache object and to the prompt cache).
