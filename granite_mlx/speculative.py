@@ -43,7 +43,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -287,9 +287,11 @@ def make_drafter(draft_model: Any = None, prompt_lookup: int | None = None) -> D
 
 
 def add_cli_options(parser: Any) -> None:
-    """The speculative decoding flags, for every command that generates
-    (``granite-mlx generate``; chat and serve can add them the same way)."""
-    group = parser.add_argument_group("speculative decoding (same output, faster when drafts agree)")
+    """The speculative decoding flags, for the commands that generate
+    (``granite-mlx generate`` and ``serve``; the chat app can add them the same way)."""
+    group = parser.add_argument_group(
+        "speculative decoding (same output, faster when drafts agree)"
+    )
     group.add_argument(
         "--draft-model", metavar="M", default=None,
         help="a smaller checkpoint with the same tokenizer that drafts tokens (folder or repo id)",
@@ -322,6 +324,21 @@ def cli_drafting(args: Any, dtype: str | None = None) -> dict[str, Any]:
         "draft_model": load(args.draft_model, dtype=dtype),
         "num_draft_tokens": args.num_draft_tokens,
     }
+
+
+def drafter_factory(
+    model: Model, tokenizer: Any, options: dict[str, Any]
+) -> tuple[Callable[[], Drafter], int] | None:
+    """For a server: `cli_drafting`'s options as (a maker of one fresh drafter per
+    request, so each has a draft cache of its own; the number of draft tokens),
+    the draft checked against ``model`` once, here. None when not drafting."""
+    if not options:
+        return None
+    if "prompt_lookup" in options:
+        return PromptLookup, options["prompt_lookup"]
+    draft, draft_tokenizer = options["draft_model"]
+    DraftModel(draft, draft_tokenizer).check(model, tokenizer)
+    return (lambda: DraftModel(draft, draft_tokenizer)), options["num_draft_tokens"]
 
 
 def check_num_draft_tokens(k: int) -> None:

@@ -78,6 +78,9 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="cast the weights (default: the checkpoint's own)",
     )
+    from granite_mlx.speculative import add_cli_options
+
+    add_cli_options(p)
     return p
 
 
@@ -150,14 +153,17 @@ def serve(args: argparse.Namespace) -> int:
     from granite_mlx.engine import EngineThread
     from granite_mlx.generate import load
     from granite_mlx.prompt_cache import PromptCache
+    from granite_mlx.speculative import cli_drafting, drafter_factory
 
     from .app import Server, create_app
     from .service import Service, model_name
 
     sock = bind(args.host, args.port)  # before the (slow) load: a taken port fails fast
     try:
+        drafting = cli_drafting(args, dtype=args.dtype)  # bad flags fail before the model loads
         print(f"Loading {args.model}...", file=sys.stderr, flush=True)
         model, tokenizer = load(args.model, dtype=args.dtype)
+        drafting = drafter_factory(model, tokenizer, drafting)
         cache = PromptCache(int(args.prompt_cache_gb * 1e9)) if args.prompt_cache_gb > 0 else None
         engine = EngineThread(
             model,
@@ -175,6 +181,7 @@ def serve(args: argparse.Namespace) -> int:
                 model_id,
                 prompt_cache=cache,
                 aliases=(args.model,),
+                drafting=drafting,
             )
             app = create_app(service, api_key=args.api_key, log_requests=args.log_requests)
             if args.log_requests:

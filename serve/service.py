@@ -196,12 +196,13 @@ class Service:
         model_id: str,
         prompt_cache: Any = None,
         aliases: tuple[str, ...] = (),
+        drafting: tuple | None = None,
     ):
         self.engine = engine
         self.prompt_cache = prompt_cache
         self.model = model
         self.tokenizer = tokenizer
-        self.translator = Translator(model, tokenizer)
+        self.translator = Translator(model, tokenizer, drafting)
         self.model_id = model_id
         self.aliases = aliases  # other names clients may use (the --model argument as given)
         self.created = int(time.time())

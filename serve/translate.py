@@ -62,10 +62,13 @@ class Job:
 class Translator:
     """Builds `Job`s for one model and tokenizer."""
 
-    def __init__(self, model: Any, tokenizer: Any):
+    def __init__(self, model: Any, tokenizer: Any, drafting: tuple | None = None):
         self.tokenizer = tokenizer
         self.vocab_size = model.args.vocab_size
         self.context = model.args.max_position_embeddings or None
+        # Speculative decoding (--draft-model / --prompt-lookup): a maker of one drafter
+        # per request and the number of draft tokens (granite_mlx.speculative.drafter_factory).
+        self.drafting = drafting
 
     # --- OpenAI -------------------------------------------------------------------
 
@@ -224,6 +227,10 @@ class Translator:
             sampling.check(self.vocab_size)
         except GraniteError as exc:
             raise APIError(400, str(exc)) from None
+        drafter, k = None, 4
+        if self.drafting is not None and constraint is None:  # the engine cannot do both
+            make, k = self.drafting
+            drafter = make()
         return Request(
             prompt=ids,
             max_tokens=max_tokens,
@@ -233,6 +240,8 @@ class Translator:
             top_logprobs=top_logprobs,
             constraint=constraint,
             snapshot_at=snapshot_points(self.tokenizer, ids, extra_snapshots),
+            drafter=drafter,
+            num_draft_tokens=k,
         )
 
     def _openai_processors(self, body: Sampling) -> list:

@@ -677,3 +677,60 @@ def test_cli_generate_with_a_draft_model_or_prompt_lookup(capsys):
     ):
         code, out, err = run(capsys, *base, *extra)
         assert code == 1 and out == "" and message in err and err.count("\n") == 1, extra
+
+
+# --------------------------------------------------------------------------
+# The server
+# --------------------------------------------------------------------------
+
+
+def test_serve_drafts_for_its_requests_and_answers_as_the_library():
+    import openai
+    from serve_helpers import MODEL_ID, LiveServer
+
+    from granite_mlx.speculative import drafter_factory
+
+    live = LiveServer(max_batch=2)
+    try:
+        model, tokenizer = live.service.model, live.service.tokenizer
+        client = openai.OpenAI(base_url=live.url + "/v1", api_key="x", max_retries=0, timeout=60)
+        messages = [{"role": "user", "content": "Repeat: the cat sat on the mat, the cat sat"}]
+        want = generate_text(messages, max_tokens=12)
+        for options in ({"prompt_lookup": 3}, {"draft_model": (model, tokenizer),
+                                                "num_draft_tokens": 2}):  # fmt: skip
+            # What `granite-mlx serve --prompt-lookup 3` / `--draft-model M` set up.
+            live.service.translator.drafting = drafter_factory(model, tokenizer, options)
+            answer = client.chat.completions.create(
+                model=MODEL_ID, messages=messages, max_tokens=12, temperature=0
+            )
+            assert answer.choices[0].message.content == want
+            assert live.engine.requests[-1].drafter is not None
+        # Structured output cannot draft: such a request runs without a drafter.
+        client.chat.completions.create(
+            model=MODEL_ID, messages=messages, max_tokens=4,
+            response_format={"type": "json_object"},
+        )  # fmt: skip
+        assert live.engine.requests[-1].drafter is None
+    finally:
+        live.stop()
+
+
+def generate_text(messages, **options) -> str:
+    from granite_mlx import generate
+
+    model, tokenizer = real_vocab()
+    return generate(model, tokenizer, messages, **options)
+
+
+def test_serve_flags_bad_input_is_one_line(capsys):
+    from granite_mlx.serve.cli import main
+    from test_generate import real_vocab_folder, tiny_folder
+
+    base = ["--model", str(real_vocab_folder()), "--port", "0", "--dtype", "float32"]
+    for extra, message in (
+        (["--prompt-lookup", "-1"], "prompt_lookup is the number"),
+        (["--draft-model", str(tiny_folder("hybrid_nope"))], "vocabulary has 512 entries"),
+    ):
+        assert main([*base, *extra]) == 1
+        err = capsys.readouterr().err
+        assert message in err and err.count("\n") <= 2, err  # "Loading ..." then the error
