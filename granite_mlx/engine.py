@@ -873,6 +873,13 @@ class EngineThread:
     `submit` is thread-safe and validates the request at once; the engine thread
     admits it at its next step. ``load`` builds (model, tokenizer) on that thread
     (give it instead of model/tokenizer to load there).
+
+    ``engine_class``: another `Engine` (granite_mlx.parallel's `LockstepEngine`, whose
+    every step the other ranks of a distributed run replay). With ``heartbeat`` set,
+    an idle engine still steps that often (the other ranks' watchdogs see the run is
+    alive). A step that fails ends the requests running; the engine is rebuilt and
+    goes on, unless ``recover`` is False (the other ranks could not follow a rebuilt
+    one): then the thread stops, and every request fails with EngineShutdown.
     """
 
     def __init__(
@@ -883,9 +890,14 @@ class EngineThread:
         load: Callable[[], tuple[Any, Any]] | None = None,
         max_queue: int = 64,
         name: str = "granite-engine",
+        engine_class: type[Engine] | None = None,
+        heartbeat: float | None = None,
+        recover: bool = True,
         **engine_options: Any,
     ):
         self.model, self.tokenizer = model, tokenizer
+        self._engine_class = engine_class or Engine
+        self._heartbeat, self._recover = heartbeat, recover
         self.max_queue = max_queue
         self._engine_options = engine_options
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
@@ -940,7 +952,7 @@ class EngineThread:
         try:
             if load is not None:
                 self.model, self.tokenizer = load()
-            self.engine = Engine(self.model, self.tokenizer, **self._engine_options)
+            self.engine = self._engine_class(self.model, self.tokenizer, **self._engine_options)
         except BaseException as exc:  # noqa: BLE001 - handed to the constructor's caller
             self._load_error = exc
             self._stopped.set()
@@ -949,31 +961,36 @@ class EngineThread:
         self._ready.set()
         engine = self.engine
         while True:
+            idle = not engine.has_work
             try:
-                message = self._inbox.get(block=not engine.has_work)
+                message = self._inbox.get(block=idle, timeout=self._heartbeat if idle else None)
             except queue.Empty:
                 message = None
             while message is not None:
                 if not self._handle(message):
-                    self._stopped.set()
-                    self._fail_all(EngineShutdown("The engine is shutting down."), queued=True)
-                    # A thread must destroy its own MLX streams before the process exits,
-                    # or the exit may abort ("terminate called without an active exception").
-                    mx.synchronize()
-                    mx.clear_streams()
+                    self._stop(EngineShutdown("The engine is shutting down."))
                     return
                 try:
                     message = self._inbox.get_nowait()
                 except queue.Empty:
                     message = None
-            if not engine.has_work:
+            if not engine.has_work and self._heartbeat is None:
                 continue
+                try:
+                    message = self._inbox.get_nowait()
+                except queue.Empty:
+                    message = None
             try:
                 events = engine.step()
             except Exception as exc:  # noqa: BLE001 - fail the running requests, keep serving
                 error = EngineShutdown(f"Generation failed: {type(exc).__name__}: {exc}")
+                if not self._recover:
+                    self._stop(error, release=False)
+                    return
                 self._fail_all(error, queued=False)
-                self.engine = engine = Engine(self.model, self.tokenizer, **self._engine_options)
+                self.engine = engine = self._engine_class(
+                    self.model, self.tokenizer, **self._engine_options
+                )
                 continue
             for rid, response in events:
                 stream = self._streams.get(rid)
@@ -1007,6 +1024,17 @@ class EngineThread:
         elif kind == "abort" and stream.rid is not None:
             self.engine.abort(stream.rid)
         return True
+
+    def _stop(self, error: BaseException, release: bool = True) -> None:
+        self._stopped.set()
+        self._fail_all(error, queued=True)
+        if release and hasattr(self.engine, "shutdown"):
+            with contextlib.suppress(Exception):  # the other ranks may be gone already
+                self.engine.shutdown()  # a LockstepEngine lets the other ranks return
+        # A thread must destroy its own MLX streams before the process exits, or the
+        # exit may abort ("terminate called without an active exception").
+        mx.synchronize()
+        mx.clear_streams()
 
     def _fail_all(self, error: BaseException, queued: bool) -> None:
         """End every running stream (and with `queued`, every submitted one) with `error`."""

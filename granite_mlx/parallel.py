@@ -919,6 +919,7 @@ class LockstepEngine(Engine):
         news = json.dumps(self._news).encode() if any(self._news.values()) else b""
         self._news = {"add": [], "abort": []}
         _share(news, self.comm)
+        _pulse(self.model)
         return super().step()
 
     def shutdown(self) -> None:
@@ -936,6 +937,7 @@ def follow(model, tokenizer, comm: Comm | None = None, **engine_options: Any) ->
     steps = 0
     while True:
         n, data = _share(None, comm)
+        _pulse(model)
         if n == _STOP:
             return steps
         if n > 0:
@@ -946,6 +948,14 @@ def follow(model, tokenizer, comm: Comm | None = None, **engine_options: Any) ->
                 engine.abort(rid)
         engine.step()  # the events are rank 0's to report
         steps += 1
+
+
+def _pulse(model) -> None:
+    """A step shared between the ranks proves they are in step, even an idle one (a
+    server between requests) that calls no model."""
+    watchdog = getattr(model, "watchdog", None)
+    if watchdog is not None:
+        watchdog.pulse()
 
 
 def _check_engine_options(model, options: dict) -> None:

@@ -78,6 +78,19 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="cast the weights (default: the checkpoint's own)",
     )
+    p.add_argument(
+        "--parallel",
+        choices=["pipeline", "tensor"],
+        help="split the model across the ranks started by mlx.launch; rank 0 serves HTTP "
+        "(README: Several Macs)",
+    )
+    p.add_argument(
+        "--peer-timeout",
+        type=finite_float,
+        default=300.0,
+        metavar="SECONDS",
+        help="with --parallel: stop when the ranks lose step for this long (default 300)",
+    )
     from granite_mlx.speculative import add_cli_options
 
     add_cli_options(p)
@@ -95,6 +108,10 @@ def _check(args: argparse.Namespace) -> None:
         raise ServeError(f"--prompt-cache-gb must be 0 or more, got {args.prompt_cache_gb}")
     if args.api_key is not None and not args.api_key.strip():
         raise ServeError("--api-key is empty; give a key, or leave the flag out")
+    if args.peer_timeout <= 0:
+        raise ServeError(f"--peer-timeout must be above 0, got {args.peer_timeout}")
+    if args.parallel is not None and (args.draft_model is not None or args.prompt_lookup):
+        raise ServeError("--draft-model and --prompt-lookup do not work with --parallel yet")
 
 
 def _is_loopback(host: str) -> bool:
@@ -152,25 +169,28 @@ def serve(args: argparse.Namespace) -> int:
 
     from granite_mlx.engine import EngineThread
     from granite_mlx.generate import load
-    from granite_mlx.prompt_cache import PromptCache
     from granite_mlx.speculative import cli_drafting, drafter_factory
 
     from .app import Server, create_app
     from .service import Service, model_name
 
+    parallel = _parallel(args)
+    if parallel is not None and parallel.comm.rank != 0:
+        return parallel.follow()
     sock = bind(args.host, args.port)  # before the (slow) load: a taken port fails fast
     try:
         drafting = cli_drafting(args, dtype=args.dtype)  # bad flags fail before the model loads
         print(f"Loading {args.model}...", file=sys.stderr, flush=True)
-        model, tokenizer = load(args.model, dtype=args.dtype)
+        model, tokenizer = load(args.model, dtype=args.dtype, parallel=args.parallel)
         drafting = drafter_factory(model, tokenizer, drafting)
-        cache = PromptCache(int(args.prompt_cache_gb * 1e9)) if args.prompt_cache_gb > 0 else None
+        cache = _prompt_cache(args)
         engine = EngineThread(
             model,
             tokenizer,
             max_batch=args.max_batch,
             max_queue=args.max_queue,
             prompt_cache=cache,
+            **(parallel.engine_thread_options(model) if parallel else {}),
         )
         try:
             model_id = model_name(args.model)
@@ -208,6 +228,66 @@ def serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _prompt_cache(args: argparse.Namespace):
+    from granite_mlx.prompt_cache import PromptCache
+
+    if args.prompt_cache_gb <= 0:
+        return None
+    if args.parallel == "pipeline":
+        # Stages hold unequal bytes, so their caches would evict differently.
+        print("--parallel pipeline: the prompt cache is off (use --parallel tensor to keep "
+              "it).", file=sys.stderr)  # fmt: skip
+        return None
+    return PromptCache(int(args.prompt_cache_gb * 1e9))
+
+
+class _Ranks:
+    """`--parallel` under mlx.launch: rank 0 serves HTTP over a `LockstepEngine`, and the
+    other ranks replay its every step (`granite_mlx.parallel.follow`), printing nothing."""
+
+    def __init__(self, args: argparse.Namespace):
+        from granite_mlx.parallel import Comm, Watchdog, init_group
+
+        self.args = args
+        self.comm = Comm(init_group())
+        self.watchdog = Watchdog(args.peer_timeout, self.comm.rank, what=PROG)
+
+    def engine_thread_options(self, model) -> dict:
+        from granite_mlx.parallel import LockstepEngine
+
+        model.watchdog = self.watchdog
+        self.watchdog.__enter__()
+        # An idle server still steps every second, so the others know it is alive; a
+        # failed step stops the server (the others could not follow a rebuilt engine).
+        return {"engine_class": LockstepEngine, "heartbeat": 1.0, "recover": False}
+
+    def follow(self) -> int:
+        from granite_mlx.generate import load
+        from granite_mlx.parallel import follow
+
+        model, tokenizer = load(self.args.model, dtype=self.args.dtype, parallel=self.args.parallel)
+        model.watchdog = self.watchdog
+        with self.watchdog:
+            follow(
+                model, tokenizer, self.comm, max_batch=self.args.max_batch,
+                prompt_cache=_prompt_cache(self.args),
+            )  # fmt: skip
+        return 0
+
+
+def _parallel(args: argparse.Namespace) -> _Ranks | None:
+    from granite_mlx.cli import _launched_by_mlx
+
+    if args.parallel is None:
+        if _launched_by_mlx():
+            raise ServeError(
+                "Started by mlx.launch: pass --parallel pipeline or --parallel tensor to split "
+                "the model across the ranks (each rank would otherwise serve all of it)."
+            )
+        return None
+    return _Ranks(args)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run `granite-mlx serve`; returns the exit status."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -219,4 +299,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
     except (GraniteError, OSError) as exc:
         print(f"{PROG}: error: {exc}", file=sys.stderr)
+        return 1
+    except RuntimeError as exc:
+        from granite_mlx.parallel import is_peer_error
+
+        if not is_peer_error(exc):
+            raise
+        print(f"{PROG}: error: lost the connection to another rank ({exc}): it stopped or "
+              "the link failed.", file=sys.stderr)  # fmt: skip
         return 1

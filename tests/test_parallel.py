@@ -399,3 +399,72 @@ def test_splits_that_cannot_be_made_say_why():
     args = ModelArgs.from_dict(config_for("hybrid_nope"))
     with pytest.raises(SplitError, match="it has 4 layers, fewer than the ranks"):
         _pipeline_stages(args, {}, 8, 2)
+
+
+def test_serve_under_mlx_launch_answers_as_one_process(folders, mode="tensor"):
+    """`mlx.launch -n 2 granite-mlx serve --parallel ...`: rank 0 serves HTTP, rank 1
+    follows; answers (and a prompt-cache hit, in tensor mode) as one process gives them;
+    an idle gap longer than the peer timeout is survived (heartbeat); SIGTERM stops all."""
+    import httpx
+    from openai import OpenAI
+
+    folder = folders["real_vocab"]
+    model, tokenizer = load(folder, dtype="float32")
+    messages = [{"role": "user", "content": "Hello there"}]
+    alone = generate(model, tokenizer, messages, max_tokens=6)
+    port = free_ports(1)
+    argv = [mlx_launch(), "-n", "2", "--backend", "ring", "-p", str(free_ports(2) + 500),
+            str(Path(sys.executable).parent / "granite-mlx"), "serve", "--model", str(folder),
+            "--dtype", "float32", "--parallel", mode, "--port", str(port), "--max-batch", "2",
+            "--peer-timeout", "4"]  # fmt: skip
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            stdin=subprocess.DEVNULL, start_new_session=True)  # fmt: skip
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            try:
+                if httpx.get(url + "/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read()
+            time.sleep(0.3)
+        client = OpenAI(base_url=url + "/v1", api_key="none")
+        for turn in range(2):
+            reply = client.chat.completions.create(
+                model="real_vocab", messages=messages, max_tokens=6, temperature=0
+            )
+            assert reply.choices[0].message.content == alone
+            assert reply.usage.completion_tokens == 6
+            cached = reply.usage.prompt_tokens_details.cached_tokens
+            if turn == 1 and mode == "tensor":
+                assert cached > 0
+            time.sleep(6)  # idle past --peer-timeout: the heartbeat keeps the ranks alive
+        assert proc.poll() is None
+        # SIGTERM to rank 0 (as a service manager stops it): it ends the server and lets
+        # the other rank go; every process, the launcher too, exits cleanly.
+        os.kill(rank_pid(proc.pid, 0), signal.SIGTERM)
+        out, _ = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.communicate()
+    assert proc.returncode == 0, out
+    assert out.count("Serving") == 1 and "Stopped." in out  # rank 0 alone speaks
+
+
+def rank_pid(session: int, rank: int) -> int:
+    """The pid of one rank that mlx.launch started (in the launcher's session)."""
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == session:
+            continue
+        try:
+            if os.getsid(int(entry.name)) != session:
+                continue
+            env = (entry / "environ").read_bytes().split(b"\0")
+        except (OSError, ProcessLookupError):
+            continue
+        if f"MLX_RANK={rank}".encode() in env and b"serve" in (entry / "cmdline").read_bytes():
+            return int(entry.name)
+    raise AssertionError(f"no rank {rank} process")

@@ -234,8 +234,10 @@ class GraniteChatApp(App[None]):
         sampling: dict[str, Any] | None = None,
         session_cache: bool | None = None,
         session_cache_mb: int | None = None,
+        drafting: dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
+        self.drafting = dict(drafting or {})  # speculative decoding options for every answer
         self.model_name = normalize_model(model)
         self.data_dir = Path(data_dir) if data_dir else default_data_dir()
         self.sessions_dir = self.data_dir / "sessions"
@@ -334,6 +336,8 @@ class GraniteChatApp(App[None]):
         self.prompt.focus()
         self.set_interval(0.5, self._tick_loading)
         self.engine = self.engine_factory(self._post_engine_event)
+        if self.drafting:
+            self.engine.drafting = dict(self.drafting)
         self.engine.start()
         self.engine.submit(Load(self.model_name))
 
@@ -1383,6 +1387,9 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"cap on the session cache files' total size; the least recently used go first "
         f"(default: {DEFAULT_MAX_MB} MB)",
     )
+    from granite_mlx.speculative import add_cli_options
+
+    add_cli_options(parser)
     # A scripted model, for trying the interface and for tests; not for users.
     parser.add_argument("--fake-engine", action="store_true", help=argparse.SUPPRESS)
     return parser
@@ -1405,6 +1412,23 @@ def _check_options(args: argparse.Namespace) -> dict[str, Any]:
     return overrides
 
 
+def _drafting(args: argparse.Namespace) -> dict[str, Any]:
+    """Speculative decoding options from the flags, checked now; the draft model itself
+    loads on the engine thread at the first answer."""
+    from granite_mlx.speculative import DraftError, check_num_draft_tokens, make_drafter
+
+    if args.draft_model is not None and args.prompt_lookup:
+        raise DraftError("Use --draft-model or --prompt-lookup, not both.")
+    if args.prompt_lookup is not None:
+        make_drafter(prompt_lookup=args.prompt_lookup)
+        check_num_draft_tokens(args.prompt_lookup)
+        return {"prompt_lookup": args.prompt_lookup} if args.prompt_lookup else {}
+    if args.draft_model is None:
+        return {}
+    check_num_draft_tokens(args.num_draft_tokens)
+    return {"draft_model": args.draft_model, "num_draft_tokens": args.num_draft_tokens}
+
+
 def app_from_args(
     args: argparse.Namespace, engine_factory: EngineFactory | None = None
 ) -> GraniteChatApp:
@@ -1416,6 +1440,7 @@ def app_from_args(
             return FakeEngine(emit, FakeScript(delay=0.03))
 
     sampling = _check_options(args)
+    drafting = _drafting(args)
     data_dir = ensure_private_dir(args.data_dir or default_data_dir())
     return GraniteChatApp(
         args.model,
@@ -1426,6 +1451,7 @@ def app_from_args(
         sampling=sampling,
         session_cache=False if args.no_session_cache else None,
         session_cache_mb=args.session_cache_mb,
+        drafting=drafting,
     )
 
 

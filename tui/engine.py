@@ -203,6 +203,10 @@ class EngineThread(threading.Thread):
         self._session: Any = None
         self._chat = OpenChat()
         self._not_ready = "The model is still loading."
+        # Speculative decoding options for every answer (`granite-mlx chat --draft-model
+        # / --prompt-lookup`), set by the app before start. A draft model given as a
+        # path is loaded once, here on the engine thread, at the first answer.
+        self.drafting: dict[str, Any] = {}
 
     # --- called from the app's thread ---------------------------------------------------
 
@@ -314,6 +318,14 @@ class EngineThread(threading.Thread):
         self._session = session
         return session
 
+    def _drafting(self) -> dict[str, Any]:
+        draft = self.drafting.get("draft_model")
+        if isinstance(draft, str):
+            from granite_mlx import load
+
+            self.drafting = {**self.drafting, "draft_model": load(draft)}  # (model, tokenizer)
+        return self.drafting
+
     def _answer(
         self, request_id: int, settings: SamplingSettings, kind: str, text: str = ""
     ) -> None:
@@ -337,7 +349,10 @@ class EngineThread(threading.Thread):
             except EngineNotReady as exc:
                 self._emit(Error(request_id, str(exc)))
                 return
-            options = dict(settings.as_options(), cancel=cancel, prompt_progress=prompt_progress)
+            options = dict(
+                settings.as_options(), **self._drafting(), cancel=cancel,
+                prompt_progress=prompt_progress,
+            )  # fmt: skip
             if kind == "send":
                 responses = session.send(text, **options)
             elif kind == "regenerate":

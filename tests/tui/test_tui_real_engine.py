@@ -201,3 +201,34 @@ def test_real_engine_reports_the_context_limit(model_dir: Path):
     assert seen[-1].context_limit == config["max_position_embeddings"]
     steps = [e for e in seen if isinstance(e, LoadProgress) and e.unit == "step"]
     assert [(e.completed, e.total) for e in steps] == [(0, 2), (1, 2), (2, 2)]
+
+
+@pytest.mark.parametrize("drafting", ["prompt_lookup", "draft_model"])
+def test_chat_with_speculative_decoding_answers_as_without(model_dir: Path, drafting: str):
+    """`granite-mlx chat --prompt-lookup K` / `--draft-model M`: the same greedy answer."""
+    answers = []
+    for options in ({}, {"prompt_lookup": 3} if drafting == "prompt_lookup" else
+                    {"draft_model": str(model_dir), "num_draft_tokens": 3}):  # fmt: skip
+        events = Events()
+        engine = RealEngine(events)
+        engine.drafting = dict(options)
+        engine.start()
+        try:
+            engine.submit(Load(str(model_dir)))
+            assert isinstance(events.until(Loaded)[-1], Loaded)
+            engine.submit(Send(1, "Hello! Hello! Hello!", SHORT))
+            seen = events.until(Done)
+            assert isinstance(seen[-1], Done), seen[-1]
+            answers.append("".join(e.text for e in seen if isinstance(e, Token)))
+        finally:
+            engine.submit(Shutdown())
+            engine.join(timeout=30)
+    assert answers[0] == answers[1] and answers[0]
+
+
+def test_chat_drafting_flags_are_checked_before_anything_loads(tmp_path: Path):
+    from granite_mlx.tui.app import main
+
+    assert main(["--prompt-lookup", "0", "--draft-model", "x", "--data-dir", str(tmp_path),
+                 "--num-draft-tokens", "0"]) == 1  # fmt: skip
+    assert main(["--draft-model", "x", "--prompt-lookup", "2", "--data-dir", str(tmp_path)]) == 1
