@@ -8,7 +8,11 @@ request), so drift in the machine's load hits both alike. All answers are greedy
 
 (a) Time to first token for requests that share a prefix with earlier ones but do
     not extend them, which chat apps and agents send all the time. Per repeat, over
-    a fresh 161-token system prompt (a document): a 2-turn chat is held, then
+    a fresh 161-token system prompt (a document): a 2-turn chat is held (its first
+    answer, as the client resends it, is a paragraph of --history-words words, about
+    1.3 tokens a word: the length of a real answer; the random-weight model cannot
+    write one, and at ~3.5 tok/s it would take minutes, so the client supplies it,
+    identical for both servers), then
     - regenerate: the last request again;
     - edit: the last question replaced;
     - new chat: the same system prompt, a new first question;
@@ -165,7 +169,20 @@ def percentile(xs: list[float], q: float) -> float:
 # --------------------------------------------------------------------------- (a)
 
 
-def shared_prefix(servers: list[Server], repeats: int, answer: int, timed: int, say) -> dict:
+def history_answer(words: int, repeat: int) -> str:
+    """What a model might have answered to the first question: `words` words."""
+    text = (
+        f"In report {repeat}, the north region grew: its shipments rose while the south's "
+        "fell, returns were mostly damaged boxes, two night shifts were added and the "
+        "budget moved money from travel to equipment. "
+    )
+    out = (text * (words // len(text.split()) + 1)).split()[:words]
+    return " ".join(out)
+
+
+def shared_prefix(
+    servers: list[Server], repeats: int, answer: int, timed: int, say, words: int = 0
+) -> dict:
     results = {s.name: {} for s in servers}
     for r in range(repeats):
         system = {"role": "system", "content": document(r)}
@@ -173,6 +190,8 @@ def shared_prefix(servers: list[Server], repeats: int, answer: int, timed: int, 
         for s in servers:  # hold a 2-turn chat (each server's own answers)
             chat = [system, {"role": "user", "content": f"Which region grew, in report {r}?"}]
             a1 = s.chat(chat, answer)["text"]
+            if words:
+                a1 = history_answer(words, r)
             chat += [
                 {"role": "assistant", "content": a1},
                 {"role": "user", "content": "And what happened to the returns?"},
@@ -368,6 +387,11 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--answer", type=int, default=8, help="tokens per answer held in history")
+    ap.add_argument(
+        "--history-words", type=int, default=100,
+        help="(a): the held chat's first answer, as resent by the client (0: the server's own "
+        "--answer tokens)",
+    )  # fmt: skip
     ap.add_argument("--timed", type=int, default=2, help="max_tokens of the timed requests")
     ap.add_argument("--turns", type=int, default=6)
     ap.add_argument("--clients", type=int, default=8)
@@ -444,7 +468,7 @@ def main() -> int:
             s.chat([{"role": "user", "content": "Hi"}], 2)
 
         say("(a) time to first token, requests sharing a prefix without extending it")
-        a_raw = shared_prefix(servers, a.repeats, a.answer, a.timed, say)
+        a_raw = shared_prefix(servers, a.repeats, a.answer, a.timed, say, a.history_words)
         med = {n: {c: statistics.median(v) for c, v in cases.items()} for n, cases in a_raw.items()}
         speedups = {c: med["mlx-lm"][c] / med["granite-mlx"][c] for c in med["granite-mlx"]}
         gm = geomean(list(speedups.values()))

@@ -668,7 +668,8 @@ class Engine:
             # An aborted row's in-flight token is dropped: it was never fed, and
             # the answer ends without it.
             live = [i for i, r in enumerate(rows) if not r.aborted]
-            ended = self._read([rows[i] for i in live], old.take(live), events)
+            if live:
+                ended = self._read([rows[i] for i in live], old.take(live), events)
         for row in rows:
             if row.aborted:
                 self._cancel_in_batch(row, events)

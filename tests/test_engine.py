@@ -477,3 +477,16 @@ def test_real_vocab_batch_equals_solo_runs():
     got = run(Engine(model, tokenizer), {0: [Request(i, max_tokens=6) for i in ids]})
     for i, p in enumerate(ids):
         assert tokens(got[i]) == reference(model, p, 6)
+
+
+def test_aborting_every_row_at_once_ends_them_all():
+    model, tokenizer = tiny("hybrid_nope")
+    ps = prompts("hybrid_nope")
+    engine = Engine(model, tokenizer)
+    rids = [engine.add(Request(p, max_tokens=30)) for p in ps[:3]]
+    for _ in range(6):
+        engine.step()
+    for rid in rids:
+        engine.abort(rid)
+    finals = [r for _, r in engine.step()]
+    assert [r.finish_reason for r in finals] == ["cancelled"] * 3 and not engine.has_work
