@@ -50,6 +50,7 @@ __all__ = [
     "message_boundaries",
     "render_chat",
     "render_prompt",
+    "snapshot_points",
 ]
 
 Message = Mapping[str, Any]
@@ -705,3 +706,27 @@ def message_boundaries(tokenizer: Any, ids: Sequence[int]) -> list[int]:
             if end < len(ids):
                 out.append(end)
     return out
+
+
+# The generation prompt after the last message ("<|start_of_role|>assistant<|end_of_role|>"
+# is 3 tokens); a boundary this close to the end is left out (see snapshot_points).
+_GENERATION_PROMPT_TOKENS = 8
+
+
+def snapshot_points(tokenizer: Any, ids: Sequence[int], extra: Sequence[int] = ()) -> list[int]:
+    """Where the engine should snapshot this prompt, besides what it keeps by itself
+    (the prompt's end, for a regenerate, and the answer's end, for the next turn).
+
+    Of the message boundaries, two serve what clients send next: the end of the
+    system turn (a new chat over the same system prompt or document) and the end of
+    the message before the last (an edited last question, a rewritten tool result).
+    Each snapshot in the part of the prompt still to prefill costs a prefill chunk
+    of its own (on a CPU about one decode step), so the others are left out: the
+    last message's end is only the generation prompt away from the prompt's end,
+    and the earlier ones were snapshotted by the earlier requests of the
+    conversation (a prefix the prompt cache holds costs nothing again).
+    """
+    bounds = message_boundaries(tokenizer, ids)
+    if bounds and len(ids) - bounds[-1] <= _GENERATION_PROMPT_TOKENS:
+        bounds = bounds[:-1]
+    return sorted({*bounds[:1], *bounds[-1:], *extra})

@@ -30,7 +30,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 from .cache import Cache, KVCache, MambaCache, cache_length, load_cache, save_cache
-from .chat_format import encode_prompt, message_boundaries
+from .chat_format import encode_prompt, snapshot_points
 from .constrain import build_constraint
 from .errors import CheckpointError, GraniteError
 from .generate import GenerationResponse, make_request, run_request
@@ -200,7 +200,7 @@ class ChatSession:
             cache, context, prompt = self.model.make_cache(), [], ids
         request = make_request(
             prompt, cache=cache, context=context, tools=self.tools,
-            snapshot_at=message_boundaries(self.tokenizer, ids), constraint=constraint,
+            snapshot_at=snapshot_points(self.tokenizer, ids), constraint=constraint,
             **self._with_drafter(options),
         )  # fmt: skip
         stream = run_request(

@@ -4,11 +4,12 @@ Both APIs come down to the same `Job`: the prompt's token ids, the engine reques
 what the answer must report (tool calls, log-probabilities). The rules:
 
 * Chat messages are rendered with the checkpoint's chat template, tools included.
-* Every prompt (chat, or text that a client templated itself) asks the engine for a
-  snapshot where each message ends (`message_boundaries`), so the prompt cache can
-  serve any later request that shares those messages: a regenerated answer, an
-  edited last question, a new chat over the same system prompt, an agent's rewritten
-  tool result. (The engine itself keeps the end of every prompt and answer.)
+* Every prompt (chat, or text that a client templated itself) asks the engine for
+  snapshots at the message boundaries later requests resume from
+  (`chat_format.snapshot_points`), so the prompt cache can serve any later request
+  that shares those messages: a regenerated answer, an edited last question, a new
+  chat over the same system prompt, an agent's rewritten tool result. (The engine
+  itself keeps the end of every prompt and answer.)
 * Without a token limit the answer may run to the end of the model's context.
 * Sampling options become `SamplingParams`; OpenAI's frequency/presence penalties and
   ``logit_bias`` become mlx-lm logits processors.
@@ -25,8 +26,8 @@ from typing import Any
 from granite_mlx.chat_format import (
     ChatFormatError,
     encode_prompt,
-    message_boundaries,
     render_prompt,
+    snapshot_points,
 )
 from granite_mlx.constrain import build_constraint
 from granite_mlx.engine import Request
@@ -301,30 +302,6 @@ class Translator:
 # --------------------------------------------------------------------------
 # Field conversions
 # --------------------------------------------------------------------------
-
-# The generation prompt after the last message ("<|start_of_role|>assistant<|end_of_role|>"
-# is 3 tokens); a boundary this close to the end is left out (see snapshot_points).
-_GENERATION_PROMPT_TOKENS = 8
-
-
-def snapshot_points(tokenizer: Any, ids: list[int], extra: Sequence[int] = ()) -> list[int]:
-    """Where the engine should snapshot this prompt, besides what it keeps by itself
-    (the prompt's end, for a regenerate, and the answer's end, for the next turn).
-
-    Of the message boundaries, two serve what clients send next: the end of the
-    system turn (a new chat over the same system prompt or document) and the end of
-    the message before the last (an edited last question, a rewritten tool result).
-    Each snapshot in the part of the prompt still to prefill costs a prefill chunk
-    of its own (on a CPU about one decode step), so the others are left out: the
-    last message's end is only the generation prompt away from the prompt's end,
-    and the earlier ones were snapshotted by the earlier requests of the
-    conversation (a prefix the prompt cache holds costs nothing again).
-    """
-    bounds = message_boundaries(tokenizer, ids)
-    if bounds and len(ids) - bounds[-1] <= _GENERATION_PROMPT_TOKENS:
-        bounds = bounds[:-1]
-    return sorted({*bounds[:1], *bounds[-1:], *extra})
-
 
 def _openai_message(m: ChatMessage) -> dict[str, Any]:
     out: dict[str, Any] = {"role": "system" if m.role == "developer" else m.role}

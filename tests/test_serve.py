@@ -16,13 +16,12 @@ import httpx
 import openai
 import pytest
 from granite_mlx.serve.schemas import OllamaGenerateRequest
-from granite_mlx.serve.translate import snapshot_points
 from serve_helpers import MODEL_ID, LiveServer, count_steps, ndjson, wait_for
 from structured_cases import TOOLS  # get_weather(city, unit)
 from test_generate import EOS, force, real_vocab
 
 from granite_mlx import stream_generate
-from granite_mlx.chat_format import encode_prompt
+from granite_mlx.chat_format import encode_prompt, snapshot_points
 
 
 @pytest.fixture(scope="module")
