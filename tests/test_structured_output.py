@@ -253,3 +253,63 @@ def test_chat_session_send_regenerate_and_edit_with_a_constraint():
     check_calls(responses[-1])
     assert chat.messages[-1]["tool_calls"]
     assert [m["content"] for m in chat.messages if m["role"] == "assistant"][:1] == [edited]
+
+
+# --------------------------------------------------------------------------
+# The other response formats through the clients, per-row tool choices, hard arguments
+# --------------------------------------------------------------------------
+
+
+def test_json_object_and_a_lark_grammar_through_the_clients():
+    from granite_mlx import generate
+    from granite_mlx.constrain import Grammar
+
+    model, tokenizer = real_vocab()
+    (open_,), (close,) = (tokenizer.encode(c, add_special_tokens=False) for c in "{}")
+    # Any object: a model that wants "{" most and "}" next writes "{}", and stops there.
+    wants = [prefer(close), prefer(open_)]  # applied in turn: "{" ends up on top
+    options = dict(response_format={"type": "json_object"}, max_tokens=MAX_TOKENS)
+    _, text, last = run(logits_processors=wants, **options)
+    assert text == "{}" and last.finish_reason == "stop"
+    assert generate(model, tokenizer, PROMPT, logits_processors=wants, **options) == text
+    # Left to itself, the random model still writes an object (or runs out of tokens inside one).
+    _, text, last = run(**options)
+    assert text.startswith("{")
+    if last.finish_reason == "stop":
+        assert isinstance(json.loads(text), dict)
+    # A Lark grammar: only its sentences come out, greedy and sampled.
+    lark = 'start: answer " " city\nanswer: "yes" | "no"\ncity: /[A-Z][a-z]{1,8}/'
+    for seed in (None, 1, 2):
+        _, text, last = run(
+            response_format=Grammar(lark), temperature=0.0 if seed is None else 1.0, seed=seed,
+            max_tokens=MAX_TOKENS,
+        )  # fmt: skip
+        assert re.fullmatch(r"(yes|no) [A-Z][a-z]{1,8}", text) and last.finish_reason == "stop"
+
+
+def test_batch_rows_with_their_own_tool_choice_equal_their_solo_runs():
+    choices = ["required", None, "none", {"type": "function", "function": {"name": "set_alarm"}}]
+    options = dict(tools=TOOLS, max_tokens=MAX_TOKENS, logits_processors=[prefer(100270)])
+    answers = batch_generate(*real_vocab(), [ASK] * 4, tool_choice=choices, **options)
+    for choice, text in zip(choices, answers):
+        assert text == run(ASK, tool_choice=choice, **options)[1]
+    assert answers[0].strip() == "" and answers[3].strip() == ""  # calls: no text shown
+    assert answers[2]  # "none": the call is forbidden, text comes instead
+
+
+def test_tool_arguments_with_colons_escapes_and_quotes_round_trip_exactly():
+    # The peers' bug: arguments holding ":" or "\u..." were cut or unescaped wrongly.
+    hard = 'a:b \\u00e9 "q" é:{x}'
+    tools = [{"type": "function", "function": {
+        "name": "note", "description": "Save a note.",
+        "parameters": {"type": "object", "properties": {"text": {"enum": [hard]}},
+                       "required": ["text"], "additionalProperties": False}}}]  # fmt: skip
+    for seed in (None, 1):
+        _, _, last = run(
+            ASK, tools=tools, tool_choice="required", temperature=0.0 if seed is None else 1.0,
+            seed=seed, max_tokens=MAX_TOKENS,
+        )  # fmt: skip
+        assert [(c.name, c.arguments, c.valid) for c in last.tool_calls] == [
+            ("note", {"text": hard}, True)
+        ]
+        assert json.loads(last.tool_calls[0].to_openai()["function"]["arguments"]) == {"text": hard}
