@@ -137,6 +137,7 @@ def no_loading(monkeypatch):
         (["--prompt", "caf\udce9"], "--prompt is not valid UTF-8 text (a lone surrogate \\udce9"),
         (["--system", "\udcff"], "--system is not valid UTF-8 text"),
         (["--stop", "\udcff"], "is not valid UTF-8 text"),
+        (["--parallel", "tensor", "--prompt-lookup", "2"], "do not work with --parallel yet"),
     ],
 )
 def test_bad_options_are_one_line_before_loading(capsys, no_loading, options, message):

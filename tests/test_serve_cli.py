@@ -13,7 +13,7 @@ import threading
 
 import openai
 import pytest
-from granite_mlx.serve.cli import banner, main
+from granite_mlx.serve.cli import banner, build_parser, main
 from test_generate import EOS, real_vocab_folder
 
 
@@ -90,6 +90,7 @@ def test_a_taken_port_is_one_line_and_exit_1(capsys):
         (["--api-key", " "], "--api-key"),
         (["--port", "70000"], "--port"),
         (["--no-such-flag"], "--no-such-flag"),
+        (["--parallel", "tensor", "--prompt-lookup", "3"], "do not work with --parallel yet"),
     ],
 )
 def test_bad_flags_are_one_line_and_exit_1(capsys, flags, words):
@@ -103,3 +104,9 @@ def test_banner_warns_when_reachable_from_the_network():
     wide = banner("m", "0.0.0.0", 8080, None)
     assert "reachable from other machines by anyone" in wide and "http://127.0.0.1:8080" in wide
     assert "by anyone" not in banner("m", "0.0.0.0", 8080, "key")
+
+
+def test_defaults_serve_loopback_on_8080_with_a_prompt_cache():
+    args = build_parser().parse_args([])
+    assert (args.host, args.port, args.api_key) == ("127.0.0.1", 8080, None)
+    assert args.prompt_cache_gb > 0

@@ -734,3 +734,37 @@ def test_serve_flags_bad_input_is_one_line(capsys):
         assert main([*base, *extra]) == 1
         err = capsys.readouterr().err
         assert message in err and err.count("\n") <= 2, err  # "Loading ..." then the error
+
+
+@pytest.mark.parametrize("kept", [0, 1, 3, 5])
+def test_a_draft_model_after_a_rejection_drafts_as_a_fresh_one(kept):
+    # The target keeps `kept` drafts, then writes its own token: the draft model goes back
+    # to a snapshot (or trims), and must then hold exactly what a fresh prefill holds.
+    greedy = RowSampler(SamplingParams())
+    reused = DraftModel(other_model())
+    first = reused.propose(PROMPT, 6, greedy).tokens.tolist()
+    own = (first[kept] + 1) % 512  # not the draft at that position: a rejection
+    context = [*PROMPT, *first[:kept], own]
+    again = reused.propose(context, 6, greedy)
+    fresh = DraftModel(other_model()).propose(context, 6, greedy)
+    assert again.tokens.tolist() == fresh.tokens.tolist()
+    assert reused.ids == context
+    reused._sync([*context, 0])  # read the fed drafts back in, as the next call does
+    fresh_model = DraftModel(other_model())
+    fresh_model.propose(context, 6, greedy)
+    fresh_model._sync([*context, 0])
+    for a, b in zip(reused.cache, fresh_model.cache):
+        assert a.offset == b.offset
+        xs, ys = a.arrays, b.arrays
+        assert xs.keys() == ys.keys()
+        for name in xs:
+            assert mx.allclose(xs[name], ys[name], atol=1e-5, rtol=1e-5).item(), name
+
+
+def test_generate_with_a_draft_model_equals_plain_generate():
+    from granite_mlx import generate
+
+    model, tokenizer = tiny("hybrid_nope")
+    plain = generate(model, tokenizer, PROMPT, max_tokens=16)
+    for draft in (other_model(), model):
+        assert generate(model, tokenizer, PROMPT, max_tokens=16, draft_model=draft) == plain

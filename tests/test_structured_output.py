@@ -268,7 +268,7 @@ def test_json_object_and_a_lark_grammar_through_the_clients():
     (open_,), (close,) = (tokenizer.encode(c, add_special_tokens=False) for c in "{}")
     # Any object: a model that wants "{" most and "}" next writes "{}", and stops there.
     wants = [prefer(close), prefer(open_)]  # applied in turn: "{" ends up on top
-    options = dict(response_format={"type": "json_object"}, max_tokens=MAX_TOKENS)
+    options = {"response_format": {"type": "json_object"}, "max_tokens": MAX_TOKENS}
     _, text, last = run(logits_processors=wants, **options)
     assert text == "{}" and last.finish_reason == "stop"
     assert generate(model, tokenizer, PROMPT, logits_processors=wants, **options) == text
@@ -289,7 +289,7 @@ def test_json_object_and_a_lark_grammar_through_the_clients():
 
 def test_batch_rows_with_their_own_tool_choice_equal_their_solo_runs():
     choices = ["required", None, "none", {"type": "function", "function": {"name": "set_alarm"}}]
-    options = dict(tools=TOOLS, max_tokens=MAX_TOKENS, logits_processors=[prefer(100270)])
+    options = {"tools": TOOLS, "max_tokens": MAX_TOKENS, "logits_processors": [prefer(100270)]}
     answers = batch_generate(*real_vocab(), [ASK] * 4, tool_choice=choices, **options)
     for choice, text in zip(choices, answers):
         assert text == run(ASK, tool_choice=choice, **options)[1]

@@ -14,6 +14,7 @@ from granite_mlx.tui.app import GraniteChatApp, build_parser, main
 from granite_mlx.tui.fake_engine import FakeEngine, FakeScript, default_reply
 from granite_mlx.tui.protocol import LoadProgress, SamplingSettings
 from granite_mlx.tui.screens import PickScreen, SettingsScreen
+from granite_mlx.tui.session_cache import DEFAULT_MAX_MB
 from granite_mlx.tui.widgets import ChatList, SystemPromptView
 from textual.widgets import Footer, Input, ProgressBar, Static
 from tui_pilot_helpers import (
@@ -60,6 +61,7 @@ async def test_prompt_progress_live_rate_and_final_stats(make_app):
 
         await wait_for(pilot, watch, what="the answer")
         await wait_answer(pilot)
+        assert app.sub_title == "fake/granite"  # and no longer once it has ended
         final = footer_text(answer)
         chunks = -(-len(answer.content) // 6)
     progress = sorted(f for f in seen_footers if f.startswith("reading prompt "))
@@ -434,6 +436,17 @@ async def test_session_cache_is_capped_least_recently_used_first(make_app, data_
         app.session_cache.max_bytes = 1
         await send(pilot, "once more")
         assert app.session_cache.files() == {}
+
+
+async def test_session_cache_mb_sets_the_cap_for_this_run_only(make_app):
+    app = make_app(session_cache_mb=3)
+    async with app.run_test(size=SIZE) as pilot:
+        await wait_ready(pilot)
+        assert app.session_cache.max_bytes == 3_000_000
+    app = make_app()
+    async with app.run_test(size=SIZE) as pilot:
+        await wait_ready(pilot)
+        assert app.session_cache.max_bytes == DEFAULT_MAX_MB * 1_000_000
 
 
 async def test_session_cache_can_be_turned_off_and_cleared(make_app, data_dir):
