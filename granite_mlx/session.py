@@ -300,7 +300,14 @@ class ChatSession:
             json.dumps(metadata)
         except (TypeError, ValueError) as exc:
             raise SessionError(f"Cannot save the session: a message is not JSON ({exc}).") from exc
-        save_cache(path, layers, metadata)
+        try:
+            save_cache(path, layers, metadata)
+        except (OSError, RuntimeError) as exc:  # MLX reports a full disk as RuntimeError
+            raise SessionError(
+                f"Cannot save the session to {path}: {exc}. Nothing was written there (an "
+                "earlier save under that name is unchanged); free some space or pick another "
+                "place."
+            ) from exc
 
     @classmethod
     def load(cls, path: str | os.PathLike, model: Model, tokenizer: Any) -> ChatSession:

@@ -118,8 +118,11 @@ def test_d_head_auto():
     ],
 )
 def test_bad_configs_name_the_field(changes, field):
-    with pytest.raises(ConfigError, match=field.replace("[", r"\[").replace("]", r"\]")):
+    with pytest.raises(ConfigError, match=field.replace("[", r"\[").replace("]", r"\]")) as info:
         ModelArgs.from_dict(base(**changes))
+    # ... and the value found there, as JSON would show it.
+    if len(changes) == 1 and not isinstance(value := next(iter(changes.values())), (dict, list)):
+        assert repr(value) in str(info.value) or str(value) in str(info.value), str(info.value)
 
 
 # --- Property: every known key's JSON type is checked, nothing is coerced ---------

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import threading
+from pathlib import Path
 
 import pytest
 from test_generate import EOS, force, real_vocab, tiny
@@ -238,6 +239,25 @@ def test_sessions_save_and_load_under_any_name_and_leave_no_partial_file(tmp_pat
     with pytest.raises(SessionError, match="not JSON"):
         s.save(tmp_path / "other.granite")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["chat.granite"]
+    s.messages.pop()
+
+
+def test_a_save_that_fails_while_writing_keeps_the_earlier_file(tmp_path, monkeypatch):
+    import granite_mlx.cache
+
+    s, path = saved_session(tmp_path, "chat.granite")
+    before = path.read_bytes()
+    list(s.send("One more?", max_tokens=2))
+
+    def disk_full(name, arrays, metadata=None):  # half a file, then the error MLX raises
+        Path(name).write_bytes(b"\0" * 1000)
+        raise RuntimeError("[save_safetensors] Failed to write: No space left on device")
+
+    monkeypatch.setattr(granite_mlx.cache.mx, "save_safetensors", disk_full)
+    with pytest.raises(SessionError, match="No space left on device. Nothing was written"):
+        s.save(path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["chat.granite"]
+    assert path.read_bytes() == before
 
 
 def rewrite(path, edit):
