@@ -87,6 +87,14 @@ GPU_PREFILL_STEP_SIZE = 2048
 CPU_PREFILL_STEP_SIZE = 256
 
 
+# A snapshot point this close after where the row resumed from the prompt cache is
+# skipped: taking it would cost a model pass of its own (the chunk is cut there), while
+# a later request resuming from the same snapshot feeds these few tokens inside its
+# own first chunk. (An append-only chat resumes at the end of the previous answer, and
+# the end of that message is only its end-of-text marker and a newline further.)
+MIN_SNAPSHOT_GAP = 8
+
+
 def default_prefill_step_size() -> int:
     return CPU_PREFILL_STEP_SIZE if mx.default_device() == mx.cpu else GPU_PREFILL_STEP_SIZE
 
@@ -195,8 +203,7 @@ class Request:
         m = self.max_tokens
         if m is not None and (isinstance(m, bool) or not isinstance(m, int) or m < 1):
             raise GenerationError(
-                f"max_tokens must be a whole number of at least 1 (or None for no limit), "
-                f"got {m!r}"
+                f"max_tokens must be a whole number of at least 1 (or None for no limit), got {m!r}"
             )
         if isinstance(self.stop, str) or not all(isinstance(s, str) for s in self.stop):
             raise GenerationError(f"stop must be a list of strings, got {self.stop!r}")
@@ -566,7 +573,10 @@ class Engine:
         end = len(row.ids) - 1
         if row.pos < end:
             stop = min(end, row.pos + self.prefill_step_size)
-            marks = [q for q in row.request.snapshot_at if row.pos < q < stop]
+            marks = [
+                q for q in row.request.snapshot_at
+                if row.pos < q < stop and (row.cached == 0 or q - row.cached >= MIN_SNAPSHOT_GAP)
+            ]  # fmt: skip
             stop = min(marks, default=stop)
             feed(self.model, row.cache, row.ids[row.pos : stop], len(row.ids))
             row.pos = stop

@@ -260,6 +260,41 @@ def test_prompt_cache_resumes_exactly(case):
     assert tokens(c) == reference(model, cont, 4)
 
 
+def test_a_snapshot_point_just_after_the_resume_point_costs_no_pass_of_its_own(monkeypatch):
+    import granite_mlx.engine as engine_module
+
+    model, tokenizer = tiny("hybrid_nope")
+    ps = prompts("hybrid_nope")
+    pc = PromptCache(2**30)
+    engine = Engine(model, tokenizer, prompt_cache=pc)
+    first = ps[0] + ps[1]
+    answer = tokens(run(engine, {0: [Request(first, max_tokens=4)]})[0])
+    chunks: list[int] = []
+    real_feed = engine_module.feed
+    monkeypatch.setattr(
+        engine_module,
+        "feed",
+        lambda m, c, ids, total: (chunks.append(len(ids)), real_feed(m, c, ids, total)),
+    )
+    # The next turn resumes at the answer's end (its last token was never fed); the message
+    # boundary a few tokens on (an end-of-text and a newline) is left to whichever request
+    # might resume there.
+    resumed = len(first) + len(answer) - 1
+    near, far = resumed + 2, resumed + engine_module.MIN_SNAPSHOT_GAP
+    cont = first + answer + ps[2] + ps[3]
+    assert far < len(cont) - 1
+    got = run(engine, {0: [Request(cont, max_tokens=4, snapshot_at=[near])]})[0]
+    assert got[-1].cached_tokens == resumed and chunks == [len(cont) - 1 - resumed]
+    assert tokens(got) == reference(model, cont, 4)
+    assert near not in pc.states(cont)
+    # One far enough from it is kept, at the cost of cutting the chunk there.
+    chunks.clear()
+    other = first + answer + ps[3] + ps[2]
+    got = run(engine, {0: [Request(other, max_tokens=4, snapshot_at=[far])]})[0]
+    assert chunks == [far - resumed, len(other) - 1 - far] and far in pc.states(other)
+    assert tokens(got) == reference(model, other, 4)
+
+
 def test_prompt_cache_keeps_to_its_budget_dropping_the_least_recently_used():
     model, tokenizer = tiny("hybrid_nope")
     ps = prompts("hybrid_nope")

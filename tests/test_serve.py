@@ -22,6 +22,7 @@ from test_generate import EOS, force, real_vocab
 
 from granite_mlx import stream_generate
 from granite_mlx.chat_format import encode_prompt, snapshot_points
+from granite_mlx.engine import MIN_SNAPSHOT_GAP
 
 
 @pytest.fixture(scope="module")
@@ -311,7 +312,10 @@ def test_what_chat_apps_and_agents_resend_reuses_the_cache_and_stays_exact(clien
             tokenizer, messages[:kept], tools=tools, add_generation_prompt=False
         )
         cached = out.usage.prompt_tokens_details.cached_tokens
-        assert len(covered) <= cached < len(prompt), (name, cached, len(covered), len(prompt))
+        # (A boundary fewer than MIN_SNAPSHOT_GAP tokens after a held snapshot, such as the
+        # end of an answer the engine kept, is not snapshotted again: resumed from there.)
+        short = MIN_SNAPSHOT_GAP - 1
+        assert len(covered) - short <= cached < len(prompt), (name, cached, len(covered))
 
 
 def test_snapshot_points_are_the_system_end_and_the_message_before_the_last():
