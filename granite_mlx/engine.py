@@ -21,7 +21,9 @@ One `step()`:
    rows wait at most one chunk). Chunks end at the positions the request asked
    to snapshot (message boundaries), where the prompt cache takes a snapshot.
    Every prompt token but the last goes in: the last one is fed by the first
-   decode step, whose logits give the first answer token.
+   decode step, whose logits give the first answer token. The cache after that
+   pass goes to the prompt cache with those logits, so the same prompt again (a
+   regenerated answer, another sample) starts with its first token, no pass at all.
 3. Decode: rows whose prefill is done join the batch (their cache merged in,
    rows aligned on the right with left padding); one forward pass over every
    row; per row: logits processors, constraint mask (computed on the host while
@@ -330,6 +332,12 @@ class _Row:
         self.first_at: float | None = None
         self.prompt_tps = 0.0
         self.speculator: Speculator | None = None  # with a drafter, once prefilled
+        # A prompt cache hit on the whole prompt: the logits after it, so the first
+        # token needs no model pass.
+        self.first_logits: mx.array | None = None
+        # The cache right after the whole prompt and the logits there, taken in the
+        # batch pass that fed its last token, for the prompt cache once that pass is read.
+        self.after_prompt: tuple[Cache, mx.array] | None = None
 
     @property
     def pipelinable(self) -> bool:
@@ -555,9 +563,14 @@ class Engine:
         cache = request.cache if request.cache is not None else self.model.make_cache()
         held = cache_length(cache)
         if held == 0 and self.prompt_cache is not None:
-            # At least the last prompt token stays to feed: its logits give the answer.
-            found = self.prompt_cache.lookup(row.ids, limit=len(row.ids) - 1)
-            if found is not None:
+            whole = self.prompt_cache.lookup_whole(row.ids)
+            if whole is not None:  # this very prompt before: its logits are known
+                snapshot, row.first_logits = whole
+                caches.assign(cache, snapshot)
+                held = len(row.ids)
+            # Otherwise at least the last prompt token stays to feed: its logits give
+            # the answer.
+            elif found := self.prompt_cache.lookup(row.ids, limit=len(row.ids) - 1):
                 length, snapshot = found
                 caches.assign(cache, snapshot)
                 held = length
@@ -586,8 +599,17 @@ class Engine:
         if row.pos >= end:
             self._prefilling.popleft()
             caches.allocate(row.cache, self.model)
-            self._keep(row, row.cache)  # regenerating this answer costs one token
-            row.last = row.ids[-1]
+            if row.first_logits is not None:
+                # The whole prompt was in the prompt cache: the first token comes from
+                # the logits recorded there, no model pass.
+                if self._first_token(row, events):
+                    self._rows.pop(row.rid, None)  # it ends there; its cache holds the prompt
+                    return
+            else:
+                # Where a regenerate resumes when the logits after the prompt are not
+                # recorded (a drafting row, a saved session): one token to feed.
+                self._keep(row, row.cache)
+                row.last = row.ids[-1]
             if row.request.drafter is None:
                 self._ready.append(row)
             else:
@@ -597,6 +619,19 @@ class Engine:
                     row.sampler, context=known[:-1],
                 )  # fmt: skip
                 self._drafting.append(row)
+
+    def _first_token(self, row: _Row, events: list) -> bool:
+        """Sample and emit a row's first token from its recorded logits; True if it ends."""
+        logits = row.first_logits
+        mask = None
+        if row.constraint is not None:
+            mask = _mask_array(row.constraint.mask(), logits.shape[-1])
+        last = mx.array([row.ids[-1]], dtype=mx.int32)
+        token, lp, top = self._sample(row, last, logits, mask)
+        best = None
+        if top is not None:
+            best = sorted(zip(top[0].tolist(), top[1].tolist()), key=lambda p: -p[1])
+        return self._emit(row, token.item(), lp.item(), best, events)
 
     def _keep(self, row: _Row, cache: Cache) -> None:
         """Offer the row's cache (exact for row.ids[:its length]) to the prompt cache."""
@@ -730,6 +765,12 @@ class Engine:
         """One forward pass over the batch rows and their sampling, queued (lazy)."""
         rows = self._batch
         logits = self.model(inputs[:, None], self._cache)[:, -1].astype(mx.float32)  # (b, V)
+        if self.prompt_cache is not None:
+            for i, r in enumerate(rows):
+                if r.n == 0 and r.indexable and r.first_logits is None and r.after_prompt is None:
+                    # This pass fed the prompt's last token: the cache now holds the
+                    # whole prompt. Kept with its logits once the pass is read (_emit).
+                    r.after_prompt = (caches.row(self._cache, i), logits[i : i + 1])
         if all(r.sampler.plain_greedy and r.constraint is None and not r.request.top_logprobs
                for r in rows):  # fmt: skip
             tokens = mx.argmax(logits, axis=-1)
@@ -747,21 +788,27 @@ class Engine:
                     masks[i] = _mask_array(r.constraint.mask(), logits.shape[-1])
         tokens, lps, tops = [], [], []
         for i, r in enumerate(rows):
-            row_logits = r.sampler.process(inputs[i : i + 1], logits[i : i + 1])
-            lp = row_logits - mx.logsumexp(row_logits, axis=-1, keepdims=True)
-            allowed = mx.where(masks[i], lp, -mx.inf) if i in masks else lp
-            token = r.sampler.sample(allowed)
+            token, lp, top = self._sample(r, inputs[i : i + 1], logits[i : i + 1], masks.get(i))
             tokens.append(token)
-            lps.append(mx.take_along_axis(lp, token[:, None], axis=-1)[:, 0])
-            n = r.request.top_logprobs
-            if n:
-                best = mx.argpartition(-lp[0], kth=n - 1)[:n]
-                tops.append((best, lp[0, best]))
-            else:
-                tops.append(None)
+            lps.append(lp)
+            tops.append(top)
         out = _Sampled(mx.concatenate(tokens), mx.concatenate(lps), tops)
         mx.async_eval(out.tokens, out.logprobs, *[a for t in tops if t for a in t])
         return out
+
+    @staticmethod
+    def _sample(r: _Row, last: mx.array, logits: mx.array, mask: mx.array | None):
+        """One row's next token from its (1, vocab) logits, lazily: (token (1,), its
+        logprob (1,), the best top_logprobs (ids, logprobs) or None)."""
+        row_logits = r.sampler.process(last, logits)
+        lp = row_logits - mx.logsumexp(row_logits, axis=-1, keepdims=True)
+        allowed = mx.where(mask, lp, -mx.inf) if mask is not None else lp
+        token = r.sampler.sample(allowed)
+        top = None
+        if n := r.request.top_logprobs:
+            best = mx.argpartition(-lp[0], kth=n - 1)[:n]
+            top = (best, lp[0, best])
+        return token, mx.take_along_axis(lp, token[:, None], axis=-1)[:, 0], top
 
     def _read(self, rows: list[_Row], sampled: _Sampled, events: list) -> set[int]:
         """Emit the sampled tokens of `rows`; returns the ids of rows that ended."""
@@ -783,6 +830,10 @@ class Engine:
         row.last = token
         if row.n == 1:
             row.progress(row.prompt_end - row.cached)  # the last prompt token is in
+            if row.after_prompt is not None:
+                cache, logits = row.after_prompt
+                row.after_prompt = None
+                self.prompt_cache.insert(row.ids[: row.prompt_end], cache, logits)
         finish = None
         if token in self._eos:
             shown, calls = row.text.finish()

@@ -18,7 +18,9 @@ Each edge holds the attention K/V of its own positions only (so a shared prefix
 is stored once) and, where a snapshot was taken at its end, the Mamba2 conv
 window and SSM state there (float32, fixed size: ~22 MB for H-350M). Restoring
 concatenates the K/V along the path; the states are immutable arrays and are
-shared, not copied.
+shared, not copied. At the end of a whole prompt the engine also records the
+logits of its last position, so that the same prompt again (a regenerated
+answer, another sample) needs no model pass before its first token.
 
 Memory is bounded by `max_bytes`: past it, the least recently used leaves go
 first, and the least recently used states of inner nodes (whose K/V the
@@ -37,7 +39,7 @@ __all__ = ["PromptCache"]
 
 
 class _Node:
-    __slots__ = ("children", "depth", "kv", "parent", "state", "tokens", "used")
+    __slots__ = ("children", "depth", "kv", "logits", "parent", "state", "tokens", "used")
 
     def __init__(self, tokens: list[int], parent: _Node | None, depth: int):
         self.tokens = tokens  # the edge from the parent
@@ -46,13 +48,21 @@ class _Node:
         self.depth = depth  # tokens from the root to the end of the edge
         self.kv: list[tuple[mx.array, mx.array]] = []  # per attention layer: the edge's K, V
         self.state: list[tuple[mx.array, mx.array]] | None = None  # per Mamba2 layer, at depth
+        self.logits: mx.array | None = None  # (1, vocab) float32: the next token's, at depth
         self.used = 0
 
     def kv_bytes(self) -> int:
         return sum(k.nbytes + v.nbytes for k, v in self.kv)
 
     def state_bytes(self) -> int:
-        return sum(c.nbytes + s.nbytes for c, s in self.state or ())
+        """The snapshot at its end: Mamba2 states and logits (evicted together)."""
+        held = sum(c.nbytes + s.nbytes for c, s in self.state or ())
+        return held + (self.logits.nbytes if self.logits is not None else 0)
+
+    def drop_snapshot(self) -> int:
+        freed = self.state_bytes()
+        self.state = self.logits = None
+        return freed
 
 
 def _common(edge: list[int], ids: Sequence[int], start: int) -> int:
@@ -76,7 +86,8 @@ class PromptCache:
 
     `insert(ids, cache)` records a cache that holds exactly `ids`; `lookup(ids)`
     returns `(length, cache)` for the longest recorded prefix of `ids` (a new
-    cache object the caller may extend), or None.
+    cache object the caller may extend), or None. `insert(ids, cache, logits)` also
+    records the logits after `ids`, which `lookup_whole(ids)` gives back with the cache.
     """
 
     def __init__(self, max_bytes: int):
@@ -128,6 +139,23 @@ class PromptCache:
         self.tokens_reused += length
         return length, self._restore(node, used)
 
+    def lookup_whole(self, ids: Sequence[int]) -> tuple[Cache, mx.array] | None:
+        """The cache holding all of `ids` and the logits after them, if recorded."""
+        node, pos = self._root, 0
+        while pos < len(ids):
+            child = node.children.get(ids[pos])
+            if child is None or _common(child.tokens, ids, pos) < len(child.tokens):
+                return None
+            node, pos = child, pos + len(child.tokens)
+        if node is self._root or node.logits is None:
+            return None
+        if node.state is None and not self.attention_only:
+            return None
+        self._touch(node)
+        self.hits += 1
+        self.tokens_reused += len(ids)
+        return self._restore(node, len(node.tokens)), node.logits
+
     def _restore(self, node: _Node, used: int) -> Cache:
         path = []
         n = node
@@ -162,8 +190,9 @@ class PromptCache:
 
     # --- recording -----------------------------------------------------------------------
 
-    def insert(self, ids: Sequence[int], cache: Cache) -> None:
-        """Record `cache`, which holds exactly `ids` (one row, no padding)."""
+    def insert(self, ids: Sequence[int], cache: Cache, logits: mx.array | None = None) -> None:
+        """Record `cache`, which holds exactly `ids` (one row, no padding), and the
+        logits after `ids` when given."""
         n = len(ids)
         if n == 0 or self.max_bytes == 0:
             return
@@ -200,6 +229,10 @@ class PromptCache:
             ]
             mx.eval(node.state)
             self.nbytes += node.state_bytes()
+        if logits is not None and node.logits is None:
+            node.logits = _copy(logits.astype(mx.float32).reshape(1, -1))
+            mx.eval(node.logits)
+            self.nbytes += node.logits.nbytes
         self._touch(node)
         self._evict()
 
@@ -230,16 +263,16 @@ class PromptCache:
     def _evict(self) -> None:
         while self.nbytes > self.max_bytes:
             candidates = [
-                n for n in self._nodes() if not n.children or n.state is not None
-            ]
+                n for n in self._nodes()
+                if not n.children or n.state is not None or n.logits is not None
+            ]  # fmt: skip
             if not candidates:
                 return
             victim = min(candidates, key=lambda n: n.used)
             self.evictions += 1
             if victim.children:
-                # Branches below still need its K/V: drop only its state.
-                self.nbytes -= victim.state_bytes()
-                victim.state = None
+                # Branches below still need its K/V: drop only its snapshot.
+                self.nbytes -= victim.drop_snapshot()
                 continue
             self.nbytes -= victim.kv_bytes() + victim.state_bytes()
             del victim.parent.children[victim.tokens[0]]

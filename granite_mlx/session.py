@@ -12,8 +12,9 @@ conversation to token ids and hands them to an engine with the session's own
   is a prefix of the new ids (any shared prefix for an attention-only model).
 
 Snapshots are taken where each message ends, when a prompt is in the cache but
-for its last token (so regenerating costs one token), and when an answer ends;
-the prompt cache keeps the most recently used within its byte budget.
+for its last token, when all of it is in (with the logits after it, so that
+regenerating needs no model pass before its first token) and when an answer
+ends; the prompt cache keeps the most recently used within its byte budget.
 
 Which answer tokens are in the cache? The engine may queue the model call for a
 token before it knows whether that token is EOS, so the cache holds a prefix of

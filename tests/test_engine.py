@@ -245,9 +245,10 @@ def test_prompt_cache_resumes_exactly(case):
     engine = Engine(model, tokenizer, prompt_cache=pc)
     a = run(engine, {0: [Request(first, max_tokens=6, snapshot_at=[len(system)])]})[0]
     assert a[-1].cached_tokens == 0 and a[-1].prompt_tokens == len(first)
-    # The same prompt again (a regenerate): everything but its last token is reused.
+    # The same prompt again (a regenerate): all of it is reused, and the first token comes
+    # from the logits recorded after it.
     again = run(engine, {0: [Request(first, max_tokens=6)]})[0]
-    assert tokens(again) == tokens(a) and again[-1].cached_tokens == len(first) - 1
+    assert tokens(again) == tokens(a) and again[-1].cached_tokens == len(first)
     # A new question after the same system prompt: resumes at the message boundary.
     second = system + ps[2]
     b = run(engine, {0: [Request(second, max_tokens=6)]})[0]
@@ -258,6 +259,35 @@ def test_prompt_cache_resumes_exactly(case):
     c = run(engine, {0: [Request(cont, max_tokens=4)]})[0]
     assert c[-1].cached_tokens >= len(first) + len(tokens(a)) - 1
     assert tokens(c) == reference(model, cont, 4)
+
+
+def test_the_same_prompt_again_needs_no_model_pass_before_its_first_token(monkeypatch):
+    from granite_mlx.model import Model
+
+    model, tokenizer = tiny("hybrid_nope")
+    ps = prompts("hybrid_nope")
+    prompt = ps[0] + ps[1]
+    engine = Engine(model, tokenizer, prompt_cache=PromptCache(2**30))
+    options = [{}, {"sampling": SamplingParams(temperature=0.9, seed=5), "top_logprobs": 3}]
+    first = [run(engine, {0: [Request(prompt, max_tokens=5, **o)]})[0] for o in options]
+    assert tokens(first[0]) == reference(model, prompt, 5)
+    passes = []
+    real_call = Model.__call__
+
+    def counted(self, *args, **kwargs):
+        passes.append(args[0].shape)
+        return real_call(self, *args, **kwargs)
+
+    monkeypatch.setattr(Model, "__call__", counted)
+    for o, before in zip(options, first):
+        passes.clear()
+        one = run(engine, {0: [Request(prompt, max_tokens=1, **o)]})[0]
+        assert passes == []  # its one token came from the logits recorded after the prompt
+        assert one[0].cached_tokens == len(prompt) and one[0].token == before[0].token
+        assert one[0].top_logprobs == before[0].top_logprobs
+        # A longer answer goes on from there: the same tokens as the first time.
+        again = run(engine, {0: [Request(prompt, max_tokens=5, **o)]})[0]
+        assert tokens(again) == tokens(before) and len(passes) == 4
 
 
 def test_a_snapshot_point_just_after_the_resume_point_costs_no_pass_of_its_own(monkeypatch):

@@ -163,7 +163,10 @@ def test_ollama_chat_and_generate_equal_the_library(live):
         ).json()
         assert whole["message"] == {"role": "assistant", "content": expected}
         assert whole["done"] is True and whole["done_reason"] == responses[-1].finish_reason
-        assert whole["eval_count"] == len(tokens) and whole["prompt_eval_count"] > 0
+        assert whole["eval_count"] == len(tokens)
+        # Only what the prompt cache did not hold (an earlier test asked the same).
+        prompt = encode_prompt(real_vocab()[1], messages)
+        assert 0 <= whole["prompt_eval_count"] <= len(prompt)
         assert whole["total_duration"] >= whole["eval_duration"] > 0
 
         with http.stream(
@@ -315,7 +318,7 @@ def test_what_chat_apps_and_agents_resend_reuses_the_cache_and_stays_exact(clien
         # (A boundary fewer than MIN_SNAPSHOT_GAP tokens after a held snapshot, such as the
         # end of an answer the engine kept, is not snapshotted again: resumed from there.)
         short = MIN_SNAPSHOT_GAP - 1
-        assert len(covered) - short <= cached < len(prompt), (name, cached, len(covered))
+        assert len(covered) - short <= cached <= len(prompt), (name, cached, len(covered))
 
 
 def test_snapshot_points_are_the_system_end_and_the_message_before_the_last():

@@ -91,7 +91,7 @@ def test_regenerate_and_edit_restore_a_snapshot_and_equal_a_fresh_run(chat):
 
     again = tokens_of(s.regenerate(**sampling))
     assert again == first  # same seed, same state
-    assert s.last_prefill_tokens == 1  # only the prompt's last token
+    assert s.last_prefill_tokens == 0  # the logits after the prompt were recorded
     assert len(s.messages) == 4
     fresh = ChatSession.from_messages(model, tokenizer, s.messages[:3])
     assert tokens_of(fresh.regenerate(**sampling)) == first
@@ -144,9 +144,9 @@ def test_save_load_continue_equals_an_uninterrupted_session(tmp_path):
     b = tokens_of(resumed.send("And of Spain?", max_tokens=5))
     assert a == b and resumed.last_prefill_tokens == s.last_prefill_tokens
     assert resumed.last_prefill_tokens < 20  # the saved cache was used
-    # The saved snapshots work too: regenerating costs one token...
+    # The saved snapshots work too: regenerating needs no prefill...
     assert tokens_of(resumed.regenerate(max_tokens=5)) == a
-    assert resumed.last_prefill_tokens == 1
+    assert resumed.last_prefill_tokens == 0
     # ... and editing the last question prefills only that question (and the few tokens
     # between the previous answer's kept end and the question: see MIN_SNAPSHOT_GAP).
     again = ChatSession.load(path, model, tokenizer)
