@@ -15,6 +15,7 @@ exactly (`ssm.state_after`), so the last call can be partly undone.
 
 from __future__ import annotations
 
+import copy
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -442,10 +443,17 @@ def take(cache: Cache, rows: list[int]) -> Cache:
     return out
 
 
+def layers(cache: Cache) -> Cache:
+    """New layer objects holding the same arrays: the cache as it is now, while the
+    original's layers go on to hold later tokens."""
+    return [copy.copy(c) for c in cache]
+
+
 def row(cache: Cache, i: int) -> Cache:
     """Row i as a cache of its own, without padding: contiguous copies (a view would
     keep the whole batch's buffers alive)."""
-    left = int(_left(cache)[i].item())
+    padding = cache[0].left_padding  # (read whole: slicing first would queue an op)
+    left = 0 if padding is None else int(padding.tolist()[i])
     offset = cache_length(cache)
     out: Cache = []
     for c in cache:

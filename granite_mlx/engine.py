@@ -335,9 +335,9 @@ class _Row:
         # A prompt cache hit on the whole prompt: the logits after it, so the first
         # token needs no model pass.
         self.first_logits: mx.array | None = None
-        # The cache right after the whole prompt and the logits there, taken in the
-        # batch pass that fed its last token, for the prompt cache once that pass is read.
-        self.after_prompt: tuple[Cache, mx.array] | None = None
+        # The batch's cache layers right after the pass that fed the prompt's last token,
+        # the row's index there and its logits: for the prompt cache, once read.
+        self.after_prompt: tuple[Cache, int, mx.array] | None = None
 
     @property
     def pipelinable(self) -> bool:
@@ -453,6 +453,7 @@ class Engine:
         self._cache: Cache | None = None  # the batch's cache
         self._inflight: _Sampled | None = None  # next tokens of the batch rows, not yet read
         self._steps = 0
+        self._to_record: list[tuple[list[int], Cache, int, mx.array]] = []
 
     # --- the clients' side -------------------------------------------------------------
 
@@ -518,15 +519,28 @@ class Engine:
     def step(self) -> list[tuple[int, GenerationResponse]]:
         """Admit, prefill one chunk, decode one token for every running row."""
         events: list[tuple[int, GenerationResponse]] = []
+        self._record_prompt_ends()
         self._drop_aborted_before_decode(events)
         self._admit()
-        self._prefill_chunk(events)
+        if self._prefill_chunk(events):
+            # A first token came from the prompt cache's logits: out with it now, before
+            # a model pass (the running rows wait only for this step's bookkeeping).
+            self._steps += 1
+            return events
         self._decode(events)
         self._speculate(events)
         self._steps += 1
         if self._steps % 256 == 0:
             mx.clear_cache()
         return events
+
+    def _record_prompt_ends(self) -> None:
+        """Give the prompt cache the caches after whole prompts, with their logits (taken
+        when each first token was read, kept until now so that the token went out
+        first). The copies are queued, not waited for: a pass may be running."""
+        for ids, batch, i, logits in self._to_record:
+            self.prompt_cache.insert(ids, caches.row(batch, i), logits, wait=False)
+        self._to_record.clear()
 
     def _finish(self, row: _Row, reason: str, events: list) -> None:
         """End a row that samples nothing more (cancelled)."""
@@ -578,10 +592,11 @@ class Engine:
         row.pos = row.cached = held
         row.progress(0)
 
-    def _prefill_chunk(self, events: list) -> None:
-        """Feed one chunk of the first admitted row's prompt (all of it but the last token)."""
+    def _prefill_chunk(self, events: list) -> bool:
+        """Feed one chunk of the first admitted row's prompt (all of it but the last
+        token). True when instead its first token came from recorded logits."""
         if not self._prefilling:
-            return
+            return False
         row = self._prefilling[0]
         end = len(row.ids) - 1
         if row.pos < end:
@@ -604,7 +619,7 @@ class Engine:
                 # the logits recorded there, no model pass.
                 if self._first_token(row, events):
                     self._rows.pop(row.rid, None)  # it ends there; its cache holds the prompt
-                    return
+                    return True
             else:
                 # Where a regenerate resumes when the logits after the prompt are not
                 # recorded (a drafting row, a saved session): one token to feed.
@@ -619,6 +634,8 @@ class Engine:
                     row.sampler, context=known[:-1],
                 )  # fmt: skip
                 self._drafting.append(row)
+            return row.first_logits is not None
+        return False
 
     def _first_token(self, row: _Row, events: list) -> bool:
         """Sample and emit a row's first token from its recorded logits; True if it ends."""
@@ -684,7 +701,16 @@ class Engine:
             return
         aborted = any(r.aborted for r in rows)
         old = self._inflight
-        if old is not None and not aborted and all(r.pipelinable for r in rows + joins):
+        # Queuing the next pass first delays reading this one by the time it takes to
+        # queue (on a CPU nearly the whole pass: MLX caps the tasks in flight), so not
+        # while a row waits for its first token.
+        first = any(r.n == 0 for r in rows)
+        if (
+            old is not None
+            and not aborted
+            and not first
+            and all(r.pipelinable for r in rows + joins)
+        ):
             # Queue the next pass before reading this one. A row whose in-flight token
             # is its last (max_tokens) is not fed again.
             feed = [i for i, r in enumerate(rows) if not r.last_is_due(r.n + 1)]
@@ -721,6 +747,12 @@ class Engine:
         gone = [i for i, r in enumerate(rows) if r.rid in ended or r.aborted]
         if gone:
             self._retire(gone, keep_rows=[i for i in range(len(rows)) if i not in gone])
+        if first and old is not None:
+            # A first token was just read: out with it now; the next pass is queued at
+            # the next step (queuing it here would hold the token back as long).
+            self._ready = joins + self._ready
+            self._inflight = None
+            return
         self._join(joins)
         if self._batch:
             inputs = mx.array([r.last for r in self._batch], dtype=mx.int32)
@@ -769,8 +801,9 @@ class Engine:
             for i, r in enumerate(rows):
                 if r.n == 0 and r.indexable and r.first_logits is None and r.after_prompt is None:
                     # This pass fed the prompt's last token: the cache now holds the
-                    # whole prompt. Kept with its logits once the pass is read (_emit).
-                    r.after_prompt = (caches.row(self._cache, i), logits[i : i + 1])
+                    # whole prompt. Only references here (the next pass may be queued
+                    # before this one is read); recorded after the token is out.
+                    r.after_prompt = (caches.layers(self._cache), i, logits[i : i + 1])
         if all(r.sampler.plain_greedy and r.constraint is None and not r.request.top_logprobs
                for r in rows):  # fmt: skip
             tokens = mx.argmax(logits, axis=-1)
@@ -831,9 +864,8 @@ class Engine:
         if row.n == 1:
             row.progress(row.prompt_end - row.cached)  # the last prompt token is in
             if row.after_prompt is not None:
-                cache, logits = row.after_prompt
+                self._to_record.append((row.ids[: row.prompt_end], *row.after_prompt))
                 row.after_prompt = None
-                self.prompt_cache.insert(row.ids[: row.prompt_end], cache, logits)
         finish = None
         if token in self._eos:
             shown, calls = row.text.finish()

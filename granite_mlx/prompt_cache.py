@@ -190,9 +190,13 @@ class PromptCache:
 
     # --- recording -----------------------------------------------------------------------
 
-    def insert(self, ids: Sequence[int], cache: Cache, logits: mx.array | None = None) -> None:
+    def insert(
+        self, ids: Sequence[int], cache: Cache, logits: mx.array | None = None, wait: bool = True
+    ) -> None:
         """Record `cache`, which holds exactly `ids` (one row, no padding), and the
-        logits after `ids` when given."""
+        logits after `ids` when given. With ``wait=False`` the copies are queued and not
+        waited for (the source arrays stay alive until they are made)."""
+        done = mx.eval if wait else mx.async_eval
         n = len(ids)
         if n == 0 or self.max_bytes == 0:
             return
@@ -210,7 +214,7 @@ class PromptCache:
                 break
             m = _common(child.tokens, ids, pos)
             if m < len(child.tokens):
-                child = self._split(child, m)
+                child = self._split(child, m, done)
             node, pos = child, pos + m
         if pos < n:
             leaf = _Node([int(t) for t in ids[pos:n]], node, n)
@@ -219,7 +223,7 @@ class PromptCache:
                 for c in cache
                 if isinstance(c, KVCache)
             ]
-            mx.eval(leaf.kv)
+            done(leaf.kv)
             node.children[leaf.tokens[0]] = leaf
             self.nbytes += leaf.kv_bytes()
             node = leaf
@@ -227,22 +231,22 @@ class PromptCache:
             node.state = [
                 (_copy(c.conv_state), _copy(c.ssm_state)) for c in cache if isinstance(c, MambaCache)
             ]
-            mx.eval(node.state)
+            done(node.state)
             self.nbytes += node.state_bytes()
         if logits is not None and node.logits is None:
             node.logits = _copy(logits.astype(mx.float32).reshape(1, -1))
-            mx.eval(node.logits)
+            done(node.logits)
             self.nbytes += node.logits.nbytes
         self._touch(node)
         self._evict()
 
-    def _split(self, child: _Node, m: int) -> _Node:
+    def _split(self, child: _Node, m: int, done=mx.eval) -> _Node:
         """Cut `child`'s edge after m tokens; returns the new node ending there (no state)."""
         parent = child.parent
         mid = _Node(child.tokens[:m], parent, child.depth - len(child.tokens) + m)
         mid.kv = [(_copy(k[:, :, :m]), _copy(v[:, :, :m])) for k, v in child.kv]
         child.kv = [(_copy(k[:, :, m:]), _copy(v[:, :, m:])) for k, v in child.kv]
-        mx.eval(mid.kv, child.kv)
+        done(mid.kv, child.kv)
         child.tokens = child.tokens[m:]
         child.parent = mid
         mid.children[child.tokens[0]] = child
