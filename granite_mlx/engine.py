@@ -395,6 +395,13 @@ class _Sampled:
         return _Sampled(self.tokens[idx], self.logprobs[idx], [self.tops[i] for i in rows])
 
 
+def _best_first(top: tuple[mx.array, mx.array] | None) -> list[tuple[int, float]] | None:
+    """A row's top_logprobs (ids, logprobs), read to the host, most likely first."""
+    if top is None:
+        return None
+    return sorted(zip(top[0].tolist(), top[1].tolist()), key=lambda p: -p[1])
+
+
 def _mask_array(mask: np.ndarray, vocab: int) -> mx.array:
     """A constraint's mask as a bool (1, vocab) array."""
     m = np.asarray(mask)
@@ -645,10 +652,7 @@ class Engine:
             mask = _mask_array(row.constraint.mask(), logits.shape[-1])
         last = mx.array([row.ids[-1]], dtype=mx.int32)
         token, lp, top = self._sample(row, last, logits, mask)
-        best = None
-        if top is not None:
-            best = sorted(zip(top[0].tolist(), top[1].tolist()), key=lambda p: -p[1])
-        return self._emit(row, token.item(), lp.item(), best, events)
+        return self._emit(row, token.item(), lp.item(), _best_first(top), events)
 
     def _keep(self, row: _Row, cache: Cache) -> None:
         """Offer the row's cache (exact for row.ids[:its length]) to the prompt cache."""
@@ -848,11 +852,7 @@ class Engine:
         tokens, logprobs = sampled.tokens.tolist(), sampled.logprobs.tolist()
         ended: set[int] = set()
         for row, token, lp, top in zip(rows, tokens, logprobs, sampled.tops):
-            best = None
-            if top is not None:
-                ids, values = top[0].tolist(), top[1].tolist()
-                best = sorted(zip(ids, values), key=lambda p: -p[1])
-            if self._emit(row, token, lp, best, events):
+            if self._emit(row, token, lp, _best_first(top), events):
                 ended.add(row.rid)
         return ended
 

@@ -141,14 +141,10 @@ class PromptCache:
 
     def lookup_whole(self, ids: Sequence[int]) -> tuple[Cache, mx.array] | None:
         """The cache holding all of `ids` and the logits after them, if recorded."""
-        node, pos = self._root, 0
-        while pos < len(ids):
-            child = node.children.get(ids[pos])
-            if child is None or _common(child.tokens, ids, pos) < len(child.tokens):
-                return None
-            node, pos = child, pos + len(child.tokens)
-        if node is self._root or node.logits is None:
+        path = self._path(ids)
+        if not path or path[-1].depth != len(ids) or path[-1].logits is None:
             return None
+        node = path[-1]
         if node.state is None and not self.attention_only:
             return None
         self._touch(node)
@@ -291,12 +287,15 @@ class PromptCache:
 
     def states(self, ids: Sequence[int]) -> list[int]:
         """Lengths along `ids` where a hybrid snapshot is held (ascending)."""
+        return [n.depth for n in self._path(ids) if n.state is not None]
+
+    def _path(self, ids: Sequence[int]) -> list[_Node]:
+        """The nodes from the root whose whole edges are a prefix of `ids`."""
         out, node, pos = [], self._root, 0
         while pos < len(ids):
             child = node.children.get(ids[pos])
             if child is None or _common(child.tokens, ids, pos) < len(child.tokens):
                 break
             node, pos = child, pos + len(child.tokens)
-            if node.state is not None:
-                out.append(pos)
+            out.append(node)
         return out
